@@ -1,0 +1,1 @@
+"""Compile-and-run backends: ``ort`` (ONNX Runtime, runs everywhere) and ``qaic``."""

@@ -1,0 +1,84 @@
+"""Run a retained-state ONNX program with ONNX Runtime.
+
+:class:`RetainedStateSession` owns the KV cache: it allocates ``past_key.{i}``/
+``past_value.{i}`` as ``[batch, kv_heads, ctx_len, head_dim]`` zeros and, after every
+:meth:`run`, binds each ``*_RetainedState`` output back as the next input, so callers only
+feed ``input_ids`` and ``position_ids`` (and ``batch_index`` with continuous batching).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qeff_graph.errors import QeffGraphError
+
+__all__ = ["RetainedStateSession"]
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+_CACHE_NAME = re.compile(r"^past_(key|value)\.(\d+)$")
+
+
+class RetainedStateSession:
+    """An ORT session over a retained-state program with its KV cache.
+
+    Args:
+        model: a program directory (holding ``model.onnx``) or an ``.onnx`` path.
+        batch_size: rows of the cache (``full_batch_size`` with continuous batching).
+        ctx_len: cache length.
+        threads: intra-op threads (default: all cores).
+    """
+
+    def __init__(self, model: str | os.PathLike, *, batch_size: int, ctx_len: int,
+                 threads: int | None = None):
+        path = Path(model)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.exists():
+            raise QeffGraphError(f"{path} does not exist; pass a program directory from `qeff-graph optimize`")
+        if batch_size < 1 or ctx_len < 1:
+            raise QeffGraphError(f"batch_size ({batch_size}) and ctx_len ({ctx_len}) must be >= 1")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.batch_size = batch_size
+        self.ctx_len = ctx_len
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.cache_specs = {}
+        for spec in self.session.get_inputs():
+            if _CACHE_NAME.match(spec.name):
+                heads, head_dim = spec.shape[1], spec.shape[3]
+                if not isinstance(heads, int) or not isinstance(head_dim, int):
+                    raise QeffGraphError(f"cache input {spec.name} has symbolic heads/head_dim {spec.shape}")
+                self.cache_specs[spec.name] = ((batch_size, heads, ctx_len, head_dim), _ORT_TYPES[spec.type])
+        if not self.cache_specs:
+            raise QeffGraphError(f"{path} has no past_key.{{i}} inputs; run `qeff-graph optimize` on it first")
+        self.continuous_batching = "batch_index" in self.input_names
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the KV cache."""
+        self.cache = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.cache_specs.items()}
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray,
+            batch_index: np.ndarray | None = None) -> np.ndarray:
+        """One step; returns logits ``[batch, 1, vocab]`` and keeps the updated cache."""
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
+        if self.continuous_batching:
+            if batch_index is None:
+                raise QeffGraphError("this program uses continuous batching: pass batch_index")
+            feeds["batch_index"] = np.ascontiguousarray(batch_index, dtype=np.int64).reshape(-1, 1)
+        feeds.update(self.cache)
+        outputs = self.session.run(self.output_names, feeds)
+        result = dict(zip(self.output_names, outputs))
+        for name in self.cache:
+            self.cache[name] = result[f"{name}_RetainedState"]
+        return result["logits"]

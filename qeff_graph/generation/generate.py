@@ -1,0 +1,137 @@
+"""Greedy generation over a :class:`~qeff_graph.backends.ort.RetainedStateSession`.
+
+QEfficient's loop: each batch of prompts is right-padded to a multiple of ``prompt_len``
+(pads get ``position_id = -1``) and prefilled chunk by chunk; a row's first token comes from
+the chunk holding its last real token. Decode feeds one token per row at ``position =
+prompt_len_of_row + step``; a row stops at EOS, at ``generation_len`` tokens, or when its
+next position would be ``ctx_len`` (it then reads position -1 until the batch is done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from qeff_graph.errors import QeffGraphError
+
+__all__ = ["GenerationResult", "generate_ids"]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_ids: list[list[int]]
+    generated_ids: list[list[int]]
+    stop_reasons: list[str]  # "eos" | "generation_len" | "ctx_len"
+    perf: dict
+    logits: list[list[np.ndarray]] | None = None  # per prompt, one vector per generated token
+
+
+def generate_ids(
+    session,
+    prompts: Sequence[Sequence[int]],
+    *,
+    prompt_len: int,
+    generation_len: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    return_logits: bool = False,
+) -> GenerationResult:
+    """Generate greedily for every prompt (token ids), ``session.batch_size`` rows at a time.
+
+    ``on_tokens(prompt_index, new_token_ids)`` is called as tokens are produced (streaming).
+    """
+    if prompt_len < 1:
+        raise QeffGraphError(f"prompt_len must be >= 1, got {prompt_len}")
+    ctx_len, batch = session.ctx_len, session.batch_size
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise QeffGraphError(f"prompt {i} is empty")
+        if len(p) >= ctx_len:
+            raise QeffGraphError(
+                f"prompt {i} has {len(p)} tokens but ctx_len is {ctx_len}; use a larger "
+                "--ctx-len or a shorter prompt"
+            )
+    out_ids: list[list[int]] = [[] for _ in prompts]
+    out_logits: list[list[np.ndarray]] | None = [[] for _ in prompts] if return_logits else None
+    reasons = [""] * len(prompts)
+    prefill_s = decode_s = 0.0
+    ttft = None
+    start = time.perf_counter()
+    decode_tokens = 0
+    for first in range(0, len(prompts), batch):
+        rows = list(range(first, min(first + batch, len(prompts))))
+        lens = np.zeros(batch, dtype=np.int64)
+        for r, i in enumerate(rows):
+            lens[r] = len(prompts[i])
+        chunks = math.ceil(int(lens.max()) / prompt_len)
+        ids = np.zeros((batch, chunks * prompt_len), dtype=np.int64)
+        pos = np.full((batch, chunks * prompt_len), -1, dtype=np.int64)
+        for r, i in enumerate(rows):
+            ids[r, : lens[r]] = prompts[i]
+            pos[r, : lens[r]] = np.arange(lens[r])
+        session.reset()
+        t0 = time.perf_counter()
+        last = None
+        for c in range(chunks):
+            sl = slice(c * prompt_len, (c + 1) * prompt_len)
+            logits = session.run(ids[:, sl], pos[:, sl], *_batch_index(session, batch))
+            has = (pos[:, sl] >= 0).any(axis=1)
+            last = logits[:, 0].copy() if last is None else np.where(has[:, None], logits[:, 0], last)
+        prefill_s += time.perf_counter() - t0
+        if ttft is None:
+            ttft = time.perf_counter() - start
+        next_pos = lens.copy()
+        active = np.zeros(batch, dtype=bool)
+        active[: len(rows)] = True
+        limit = generation_len if generation_len is not None else ctx_len
+        t1 = time.perf_counter()
+        while True:
+            tokens = last.argmax(-1)
+            for r, i in enumerate(rows):
+                if not active[r]:
+                    continue
+                token = int(tokens[r])
+                out_ids[i].append(token)
+                if out_logits is not None:
+                    out_logits[i].append(last[r].astype(np.float32))
+                if on_tokens is not None:
+                    on_tokens(i, [token])
+                if token in eos:
+                    reasons[i], active[r] = "eos", False
+                elif len(out_ids[i]) >= limit:
+                    reasons[i], active[r] = "generation_len", False
+                elif next_pos[r] >= ctx_len:
+                    reasons[i], active[r] = "ctx_len", False
+            if not active.any():
+                break
+            step_pos = np.where(active, next_pos, -1)
+            logits = session.run(tokens.reshape(batch, 1), step_pos.reshape(batch, 1),
+                                 *_batch_index(session, batch))
+            last = logits[:, 0]
+            decode_tokens += int(active.sum())
+            next_pos += active
+        decode_s += time.perf_counter() - t1
+    e2e = time.perf_counter() - start
+    total_generated = sum(len(g) for g in out_ids)
+    perf = {
+        "prefill_s": round(prefill_s, 4),
+        "ttft_s": round(ttft or 0.0, 4),
+        "decode_s": round(decode_s, 4),
+        "decode_tok_s": round(decode_tokens / decode_s, 2) if decode_s > 0 else None,
+        "total_tok_s": round(total_generated / e2e, 2) if e2e > 0 else None,
+        "e2e_s": round(e2e, 4),
+        "generated_tokens": total_generated,
+        "prompt_tokens": int(sum(len(p) for p in prompts)),
+    }
+    return GenerationResult([list(p) for p in prompts], out_ids, reasons, perf, out_logits)
+
+
+def _batch_index(session, batch: int) -> tuple:
+    if getattr(session, "continuous_batching", False):
+        return (np.arange(batch, dtype=np.int64).reshape(batch, 1),)
+    return ()

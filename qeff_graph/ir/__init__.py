@@ -1,0 +1,23 @@
+"""IR layer: load/save over onnx_ir, graph-building helpers and KV-cache analysis.
+
+Nothing here reads weight bytes.
+"""
+
+from qeff_graph.ir.analysis import KVCache, KVLayer, ModelIO, find_io, find_kv_cache
+from qeff_graph.ir.build import Builder
+from qeff_graph.ir.io import atomic_dir, external_files, load, save, weight_bytes, write_model_files
+
+__all__ = [
+    "Builder",
+    "KVCache",
+    "KVLayer",
+    "ModelIO",
+    "atomic_dir",
+    "external_files",
+    "find_io",
+    "find_kv_cache",
+    "load",
+    "save",
+    "weight_bytes",
+    "write_model_files",
+]

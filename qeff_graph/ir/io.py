@@ -1,0 +1,242 @@
+"""Load and save ONNX models on onnx_ir without reading weight bytes.
+
+* :func:`load` parses the ModelProto and checks that every external-data file it references
+  exists and is large enough; the weights themselves stay on disk (onnx_ir memory-maps them
+  lazily when, and only when, something asks for their values).
+* :func:`save` is atomic: it writes into a temporary directory beside the target and renames.
+  Weights that already live in external data files are *linked* (hard link, else copied) into
+  the new directory under the same relative name and offsets, so rewriting a 13 GB model
+  writes only the small graph. New tensors go inline, or into ``<name>.data`` when the inline
+  total would approach protobuf's 2 GiB limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from qeff_graph.errors import QeffGraphError
+
+__all__ = ["load", "save", "atomic_dir", "write_model_files", "weight_bytes", "external_files"]
+
+logger = logging.getLogger(__name__)
+
+# Keep the serialized proto comfortably under protobuf's 2 GiB limit.
+INLINE_LIMIT_BYTES = 1536 * 1024 * 1024
+# Tensors at least this big go to external data when a model is externalized.
+EXTERNAL_THRESHOLD_BYTES = 1024
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model (a ``.onnx`` file or a directory holding ``model.onnx``).
+
+    Raises :class:`QeffGraphError` with a one-line message for a missing file, a file that is
+    not ONNX or is truncated, and missing or short external data files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.onnx"))
+        if (path / "model.onnx").exists():
+            path = path / "model.onnx"
+        elif len(candidates) == 1:
+            path = candidates[0]
+        else:
+            raise QeffGraphError(
+                f"{path} is a directory without a single .onnx file; pass the .onnx file itself"
+            )
+    if not path.exists():
+        raise QeffGraphError(f"{path} does not exist; pass the path of an .onnx file")
+    if path.stat().st_size == 0:
+        raise QeffGraphError(f"{path} is empty; re-export the model")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises DecodeError, onnx_ir may raise others
+        raise QeffGraphError(
+            f"{path} is not a readable ONNX model (truncated or not ONNX: "
+            f"{type(exc).__name__}); re-export it or pass the right file"
+        ) from None
+    if not model.graph.outputs:
+        raise QeffGraphError(f"{path} is not a readable ONNX model (its graph has no outputs)")
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    sizes: dict[str, int] = {}
+    for tensor in _external_tensors(model):
+        file = os.path.join(tensor.base_dir, tensor.location)
+        if file not in sizes:
+            if not os.path.exists(file):
+                raise QeffGraphError(
+                    f"external data file {tensor.location!r} referenced by tensor "
+                    f"{tensor.name!r} is missing next to {path}; copy the .onnx together with "
+                    "its data files"
+                )
+            sizes[file] = os.path.getsize(file)
+        end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
+        if end > sizes[file]:
+            raise QeffGraphError(
+                f"external data file {tensor.location!r} is too short for tensor "
+                f"{tensor.name!r} (needs {end} bytes, has {sizes[file]}); the file is "
+                "truncated: copy it again"
+            )
+
+
+def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+
+
+def external_files(model: ir.Model) -> list[str]:
+    """Absolute paths of the external data files the model references."""
+    files = {os.path.join(t.base_dir, t.location) for t in _external_tensors(model)}
+    return sorted(files)
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Total bytes of all initializers, computed from dtype and shape (nothing is read)."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; on success it replaces ``target``.
+
+    On any exception the temporary directory is removed and ``target`` is left untouched.
+    """
+    target = Path(target).absolute()
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise QeffGraphError(
+            f"cannot write to {parent} ({exc.strerror}); choose a writable output directory"
+        ) from None
+    try:
+        yield tmp
+        backup = None
+        if target.exists():
+            if not target.is_dir():
+                raise QeffGraphError(f"{target} exists and is not a directory; pick another -o")
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            backup.rmdir()
+            os.rename(target, backup)
+        os.rename(tmp, target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def write_model_files(model: ir.Model, directory: str | os.PathLike, filename: str = "model.onnx") -> Path:
+    """Write ``model`` into ``directory`` (not atomic; use inside :func:`atomic_dir`).
+
+    External tensors keep their file name and offsets; their files are linked into
+    ``directory``. In-memory tensors are serialized inline unless they add up to more than
+    :data:`INLINE_LIMIT_BYTES`, in which case those above 1 KiB go to ``<filename>.data``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx_path = directory / filename
+
+    linked: set[str] = set()
+    for tensor in _external_tensors(model):
+        src = os.path.join(tensor.base_dir, tensor.location)
+        dst = str(directory / tensor.location)
+        if dst not in linked and os.path.abspath(src) != os.path.abspath(dst):
+            _link_or_copy(src, dst)
+        linked.add(dst)
+
+    inline = [
+        v
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    ]
+    inline_total = sum(v.const_value.nbytes for v in inline)
+    restore: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        if inline_total > INLINE_LIMIT_BYTES:
+            data_name = f"{filename}.data"
+            if str(directory / data_name) in linked:
+                data_name = f"{filename}.extra.data"
+            restore = _externalize(inline, directory, data_name)
+        proto = ir.to_proto(model)
+        onnx.save_model(proto, onnx_path)
+    finally:
+        for value, tensor in restore:
+            value.const_value = tensor
+    return onnx_path
+
+
+def _externalize(values: list[ir.Value], directory: Path, data_name: str) -> list[tuple[ir.Value, ir.TensorProtocol]]:
+    restore = []
+    offset = 0
+    with open(directory / data_name, "wb") as f:
+        for value in values:
+            tensor = value.const_value
+            if tensor.nbytes < EXTERNAL_THRESHOLD_BYTES:
+                continue
+            pad = (-offset) % 64
+            f.write(b"\0" * pad)
+            offset += pad
+            data = tensor.tobytes()
+            f.write(data)
+            ext = ir.ExternalTensor(
+                data_name,
+                offset=offset,
+                length=len(data),
+                dtype=tensor.dtype,
+                shape=tensor.shape,
+                name=value.name,
+                base_dir=str(directory),
+            )
+            offset += len(data)
+            restore.append((value, tensor))
+            value.const_value = ext
+    return restore
+
+
+def save(model: ir.Model, path: str | os.PathLike) -> Path:
+    """Atomically save ``model``.
+
+    ``path`` ending in ``.onnx`` names the file (its directory receives the data files);
+    otherwise ``path`` is a directory that will hold ``model.onnx``. Returns the .onnx path.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        directory, filename = path.parent, path.name
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{filename}.tmp-", dir=directory) as tmp:
+            write_model_files(model, tmp, filename)
+            for entry in sorted(Path(tmp).iterdir()):
+                os.replace(entry, directory / entry.name)
+        return path
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp)
+    return path / "model.onnx"

@@ -1,0 +1,31 @@
+"""Graph passes, one per module, registered by kebab-case name.
+
+Import a pass class from here (``qeff_graph.passes.KVRetention``) or create one by name
+(``qeff_graph.passes.registry.create("kv-retention", kv_dtype="float16")``).
+"""
+
+from qeff_graph.passes import registry
+from qeff_graph.passes.cleanup import Cleanup
+#TMP from qeff_graph.passes.custom_rmsnorm import CustomRMSNorm
+#TMP from qeff_graph.passes.fp16_clamp import FP16Clamp
+from qeff_graph.passes.kv_retention import KVRetention
+from qeff_graph.passes.last_token_logits import LastTokenLogits
+from qeff_graph.passes.manager import PassManager
+from qeff_graph.passes.past_shape import PastShape
+from qeff_graph.passes.pipelines import PIPELINES, build_pipeline, pipeline_names
+from qeff_graph.passes.position_mask import PositionMask
+
+__all__ = [
+    "PIPELINES",
+    "Cleanup",
+    "CustomRMSNorm",
+    "FP16Clamp",
+    "KVRetention",
+    "LastTokenLogits",
+    "PassManager",
+    "PastShape",
+    "PositionMask",
+    "build_pipeline",
+    "pipeline_names",
+    "registry",
+]

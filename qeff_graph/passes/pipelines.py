@@ -1,0 +1,38 @@
+"""Named default pipelines.
+
+``retained-kv`` (the default of ``qeff-graph optimize``) turns a dynamic-KV export into the
+retained-state contract of DESIGN.md::
+
+    past-shape → position-mask → kv-retention → last-token-logits
+        → custom-rmsnorm → [fp16-clamp when the cache is float16] → cleanup
+"""
+
+from __future__ import annotations
+
+from qeff_graph.passes import registry
+
+__all__ = ["PIPELINES", "pipeline_names", "build_pipeline"]
+
+PIPELINES: dict[str, list[str]] = {
+    "retained-kv": [
+        "past-shape",
+        "position-mask",
+        "kv-retention",
+        "last-token-logits",
+        "custom-rmsnorm",
+        "fp16-clamp",
+        "cleanup",
+    ],
+}
+
+
+def pipeline_names(name: str = "retained-kv", *, kv_dtype: str = "float32") -> list[str]:
+    names = list(PIPELINES[name])
+    if kv_dtype != "float16" and "fp16-clamp" in names:
+        names.remove("fp16-clamp")
+    return names
+
+
+def build_pipeline(names: list[str], **options):
+    """Instantiate registered passes by name, each taking the options its constructor knows."""
+    return [registry.create(n, **options) for n in names]

@@ -1,0 +1,46 @@
+"""Shared test helpers: tiny random Hugging Face causal LMs built from config classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, vocab_size=512, initializer_range=0.3,
+            max_position_embeddings=512)
+
+
+def tiny_config(arch: str):
+    """A tiny random config for ``arch`` in {llama, gpt2, phi3, mistral, qwen2}."""
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=128)
+    if arch == "mistral":
+        return tf.MistralConfig(**TINY, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=128, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=128, use_sliding_window=False)
+    if arch == "phi3":
+        return tf.Phi3Config(**TINY, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=128, sliding_window=None, pad_token_id=0,
+                             original_max_position_embeddings=512)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=512,
+                             n_positions=512, initializer_range=0.3)
+    raise ValueError(arch)
+
+
+def make_tiny_hf(arch: str, directory: str | Path) -> Path:
+    """Save a seeded tiny random ``arch`` model (fp32) to ``directory``; return it."""
+    import torch
+    import transformers as tf
+
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        return directory
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(directory)
+    return directory
