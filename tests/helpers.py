@@ -17,7 +17,7 @@ def tiny_config(arch: str):
                               intermediate_size=128)
     if arch == "mistral":
         return tf.MistralConfig(**TINY, num_attention_heads=4, num_key_value_heads=2,
-                                intermediate_size=128, sliding_window=None)
+                                intermediate_size=128, sliding_window=4096)
     if arch == "qwen2":
         return tf.Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=128, use_sliding_window=False)

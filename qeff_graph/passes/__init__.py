@@ -6,8 +6,8 @@ Import a pass class from here (``qeff_graph.passes.KVRetention``) or create one 
 
 from qeff_graph.passes import registry
 from qeff_graph.passes.cleanup import Cleanup
-#TMP from qeff_graph.passes.custom_rmsnorm import CustomRMSNorm
-#TMP from qeff_graph.passes.fp16_clamp import FP16Clamp
+from qeff_graph.passes.custom_rmsnorm import CustomRMSNorm
+from qeff_graph.passes.fp16_clamp import FP16Clamp
 from qeff_graph.passes.kv_retention import KVRetention
 from qeff_graph.passes.last_token_logits import LastTokenLogits
 from qeff_graph.passes.manager import PassManager

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
+_ONNX = ("", "ai.onnx")
 
 
 @register("fp16-clamp")
@@ -111,7 +112,7 @@ class FP16Clamp(ir.passes.InPlacePass):
                 self._count(n)
 
     def _fix_node(self, node: ir.Node) -> None:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Constant", "ConstantOfShape"):
+        if node.op_type not in ("Constant", "ConstantOfShape") or node.domain not in _ONNX:
             return
         for name, attr in list(node.attributes.items()):
             if attr.is_ref():

@@ -64,7 +64,11 @@ class LastTokenLogits(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        io = find_io(model, find_kv_cache(model))
+        try:
+            kv = find_kv_cache(model)
+        except UnsupportedGraphError:
+            kv = None  # a graph without cache (e.g. an encoder-style LM head) works too
+        io = find_io(model, kv)
         if io.logits is None or io.position_ids is None:
             raise UnsupportedGraphError("last-token-logits needs a logits output and position_ids")
         head, hidden_index = find_lm_head(io.logits)

@@ -80,8 +80,10 @@ class PastShape(ir.passes.InPlacePass):
                 out = b.op("Identity", dims[0])
             else:
                 out = b.op("Concat", *dims, axis=0)
-            ir.convenience.replace_all_uses_with(node.outputs[0], out)
-            out.name = node.outputs[0].name
+            old = node.outputs[0]
+            old.replace_all_uses_with(out, replace_graph_outputs=True)
+            name, old.name = old.name, None
+            out.name = name
         b.commit()
         graph.remove(targets, safe=True)
         graph.sort()

@@ -1,0 +1,72 @@
+"""``qeff-graph optimize``: rewrite a dynamic-KV ONNX export into a retained-state program."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qeff_graph.cli.options import add, positive_int
+
+HELP = "rewrite an exported ONNX causal LM into the retained-KV program directory"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "optimize", help=HELP, description=HELP + ". Writes model.onnx, specializations.json, "
+        "custom_io.yaml and qeff_graph.json (manifest with the pass log) into OUT_DIR, atomically.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL.onnx", help="ONNX export with a dynamic KV cache "
+                   "(past_key_values.* inputs, present.* outputs), from any exporter")
+    add(p, "-o", "--output-dir", required=True, metavar="OUT_DIR", help="program directory to write")
+    add(p, "--ctx-len", type=positive_int, default=128, help="KV cache length (tokens)")
+    add(p, "--prompt-len", type=positive_int, default=32, help="prefill chunk length (seq_len of the prefill specialization)")
+    add(p, "--batch-size", type=positive_int, default=1, help="batch size of both specializations")
+    add(p, "--full-batch-size", type=positive_int, default=None,
+        help="continuous batching: cache rows; adds the batch_index input")
+    add(p, "--kv-dtype", choices=["float32", "float16"], default="float32", help="precision of the KV cache IO")
+    add(p, "--passes", default=None, metavar="a,b,c",
+        help="comma-separated registered pass names replacing the default pipeline "
+        "(see `qeff-graph passes`)")
+    add(p, "--verify", nargs="?", const="checker", choices=["checker", "ort"], default=None,
+        help="verify the graph after every pass that changed it (checker: ONNX checker + shape "
+        "inference; ort: also load it in ONNX Runtime)")
+    add(p, "--dump-before", action="append", default=[], metavar="PASS",
+        help="dump the graph (text, no weights) before this pass; repeatable")
+    add(p, "--dump-after", action="append", default=[], metavar="PASS",
+        help="dump the graph (text, no weights) after this pass; repeatable")
+    add(p, "--dump-dir", default=None, help="where dumps go (default: OUT_DIR.dumps)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from qeff_graph.program import optimize
+
+    passes = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
+    dump_dir = args.dump_dir or (f"{args.output_dir.rstrip('/')}.dumps"
+                                 if (args.dump_before or args.dump_after) else None)
+    program = optimize(
+        args.model, args.output_dir, ctx_len=args.ctx_len, prompt_len=args.prompt_len,
+        batch_size=args.batch_size, kv_dtype=args.kv_dtype, full_batch_size=args.full_batch_size,
+        passes=passes, verify=args.verify, dump_dir=dump_dir, dump_before=args.dump_before,
+        dump_after=args.dump_after, progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if not args.quiet:
+        m = program.manifest
+        kv = m["kv_cache"]
+        print(f"optimized {args.model} -> {program.path} in {m['seconds']:.2f}s")
+        print(f"kv cache: {kv['layers']} layers, {kv['kv_heads']} kv heads, head_dim {kv['head_dim']}, "
+              f"ctx_len {args.ctx_len}, {args.kv_dtype}")
+        print(_table(m["pipeline"]))
+        print("wrote: " + ", ".join(sorted(p.name for p in program.path.iterdir())))
+    return 0
+
+
+def _table(log: list[dict]) -> str:
+    lines = [f"  {'pass':<20} {'time (s)':>9} {'nodes':>13}  stats"]
+    for e in log:
+        stats = ", ".join(f"{k}={v}" for k, v in e["stats"].items())
+        lines.append(f"  {e['pass']:<20} {e['seconds']:>9.3f} "
+                     f"{str(e['nodes_before']) + '->' + str(e['nodes_after']):>13}  {stats}")
+    return "\n".join(lines)

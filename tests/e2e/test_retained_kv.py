@@ -1,0 +1,51 @@
+"""Token-exact greedy decoding vs Hugging Face transformers for every (arch, exporter) pair.
+
+Each export is optimized with the default pipeline, then run with ONNX Runtime: 4 prompts of
+different lengths (one longer than two prefill chunks) in one padded batch, chunked prefill with
+prompt_len 8, 12 new tokens, ctx_len 64 and 128 (the same program: ctx_len is a dynamic dim).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qeff_graph as qg
+from qeff_graph.backends.ort import RetainedStateSession
+from qeff_graph.generation import generate_ids
+from tests.e2e.conftest import EXPORTERS, OPTIMUM, prompts
+
+NEW_TOKENS = 12
+PROMPT_LEN = 8
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+@pytest.mark.parametrize("arch", list(OPTIMUM))
+def test_token_exact_vs_hf(arch, exporter, exports, hf_reference, tmp_path):
+    program = qg.optimize(exports(arch, exporter), tmp_path / "program", ctx_len=128,
+                          prompt_len=PROMPT_LEN, batch_size=4)
+    assert [e["pass"] for e in program.manifest["pipeline"]][:4] == [
+        "past-shape", "position-mask", "kv-retention", "last-token-logits"]
+    batch = prompts()
+    expected = [hf_reference(arch, p, NEW_TOKENS) for p in batch]
+    for ctx_len, batch_size in ((64, 4), (128, 4), (64, 2)):
+        session = RetainedStateSession(program.path, batch_size=batch_size, ctx_len=ctx_len)
+        result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS,
+                              return_logits=True)
+        for i, (tokens, logits) in enumerate(expected):
+            assert result.generated_ids[i] == tokens, (ctx_len, batch_size, i)
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(result.logits[i], logits))
+            assert diff < 1e-4, (ctx_len, batch_size, i, diff)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generation_stops_at_ctx_len(arch, exports, hf_reference, tmp_path):
+    """A row that reaches ctx_len stops there (and the last cache slot is usable)."""
+    program = qg.optimize(exports(arch, "optimum"), tmp_path / "p", ctx_len=32, prompt_len=8)
+    prompt = prompts((20,), seed=3)[0]
+    session = RetainedStateSession(program.path, batch_size=1, ctx_len=32)
+    result = generate_ids(session, [prompt], prompt_len=8, generation_len=100)
+    assert result.stop_reasons == ["ctx_len"]
+    assert len(result.generated_ids[0]) == 32 - 20 + 1  # positions 20..31 filled, one more predicted
+    tokens, _ = hf_reference(arch, prompt, len(result.generated_ids[0]))
+    assert result.generated_ids[0] == tokens
