@@ -16,20 +16,28 @@ from qeff_graph.errors import QeffGraphError
 
 __all__ = ["main", "build_parser"]
 
-_COMMANDS = ("optimize", "passes", "inspect")
+_COMMANDS = ("infer", "optimize", "passes", "inspect")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <problem> (see `<prog> --help`)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qeff-graph",
         description="Rewrite ONNX exports of transformers into retained-KV-cache programs, "
         "compile them for ONNX Runtime or Cloud AI 100 (qaic), and run them.",
     )
     parser.add_argument("--version", action="version", version=f"qeff-graph {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
     for name in _COMMANDS:
         importlib.import_module(f"qeff_graph.cli.{name.replace('-', '_')}").add_parser(sub)
     return parser
@@ -37,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (already printed)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,80 @@
+"""``qeff-graph infer``: export → optimize → run, end to end, reusing what the cache has."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qeff_graph.cli.options import add, positive_int
+
+HELP = "export, optimize and run a causal LM on prompts (default model: SmolLM2-135M-Instruct)"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("infer", help=HELP, description=HELP + ". Export and compile are skipped when "
+                       "the cache ($QEFF_HOME, $XDG_CACHE_HOME/qeff_cache or ~/.cache/qeff_cache) "
+                       "has them.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add(p, "--model-name", "-m", default=None,
+        help="hub id, local HF dir or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)")
+    add(p, "--local-model-dir", default=None, help="local HF model dir (overrides --model-name)")
+    add(p, "--gguf-file", default=None, help="GGUF file name inside the model dir")
+    add(p, "--cache-dir", default=None, help="cache root (default: $QEFF_HOME, ...)")
+    add(p, "--hf-token", default=None, help="Hugging Face token for gated hub models")
+    add(p, "--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="torch ONNX exporter")
+    add(p, "--batch-size", type=positive_int, default=1, help="rows run together")
+    add(p, "--prompt-len", type=positive_int, default=32, help="prefill chunk length")
+    add(p, "--ctx-len", type=positive_int, default=128, help="KV cache length")
+    add(p, "--generation-len", type=positive_int, default=None,
+        help="max new tokens (default: until EOS or ctx_len)")
+    add(p, "--kv-dtype", choices=["float32", "float16"], default="float32", help="KV cache precision")
+    group = p.add_mutually_exclusive_group()
+    add(group, "--prompt", default=None, help="prompt text; `|` separates several prompts")
+    add(group, "--prompts-txt-file-path", default=None, help="file with one prompt per line")
+    add(p, "--backend", choices=["ort"], default="ort", help="where to run")
+    add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add(p, "--output-json", default=None, help="write prompts, texts, ids and perf stats to this file")
+    p.add_argument("--force", action="store_true", help="rebuild export and program even if cached")
+    p.set_defaults(run=run)
+
+
+def read_prompts(prompt: str | None, path: str | None) -> list[str]:
+    from qeff_graph.errors import QeffGraphError
+
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise QeffGraphError(f"prompts file {path} does not exist")
+        prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [s for s in (prompt or "My name is").split("|")]
+    if not prompts or any(not s.strip() for s in prompts):
+        raise QeffGraphError("empty prompt; give non-empty text (prompts are separated by `|`)")
+    return prompts
+
+
+def run(args) -> int:
+    from qeff_graph.models import QEFFAutoModelForCausalLM
+
+    prompts = read_prompts(args.prompt, args.prompts_txt_file_path)
+    model = QEFFAutoModelForCausalLM.from_pretrained(
+        args.local_model_dir or args.model_name, gguf_file=args.gguf_file, hf_token=args.hf_token,
+        cache_dir=args.cache_dir, exporter=args.exporter, force=args.force)
+    model.compile(prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
+                  kv_dtype=args.kv_dtype, backend=args.backend)
+    out = model.generate(prompts=prompts, generation_len=args.generation_len, stream=args.stream,
+                         threads=args.threads)
+    if not args.stream:
+        for prompt, text in zip(out.prompts, out.generated_texts):
+            print(f"=== prompt: {prompt!r}\n{text}")
+    for prompt, reason in zip(out.prompts, out.stop_reasons):
+        if reason == "ctx_len":
+            print(f"note: generation for {prompt!r} stopped at ctx_len={args.ctx_len}; raise --ctx-len for more")
+    perf = out.perf
+    print(f"TTFT: {perf['ttft_s']:.3f} s | prefill: {perf['prefill_s']:.3f} s | decode: "
+          f"{perf['decode_tok_s'] or 0:.1f} tok/s | total: {perf['total_tok_s'] or 0:.1f} tok/s | "
+          f"E2E: {perf['e2e_s']:.2f} s")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(out.to_json(), indent=2) + "\n")
+    return 0

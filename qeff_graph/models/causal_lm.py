@@ -1,0 +1,152 @@
+"""``QEFFAutoModelForCausalLM``: from_pretrained → export → compile → generate, with a cache.
+
+Mirrors QEfficient's API. ``export()`` writes the unmodified ONNX (torch exporter) into the
+cache, ``compile()`` runs the retained-KV pipeline into a program directory, ``generate()``
+runs it with ONNX Runtime. Artifacts that already exist in the cache are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from qeff_graph import __version__, cache
+from qeff_graph.errors import QeffGraphError
+
+__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput"]
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    prompts: list[str]
+    generated_texts: list[str]
+    generated_ids: list[list[int]]
+    stop_reasons: list[str]
+    perf: dict
+
+    def to_json(self) -> dict:
+        return {"prompts": self.prompts, "generated_texts": self.generated_texts,
+                "generated_ids": self.generated_ids, "stop_reasons": self.stop_reasons,
+                "perf": self.perf}
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class QEFFAutoModelForCausalLM:
+    """A causal LM to export, compile for a backend and run with a retained KV cache."""
+
+    def __init__(self, source: str, gguf_file: str | None = None, *, hf_token: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, exporter: str = "dynamo",
+                 opset: int | None = None, force: bool = False):
+        self.source, self.gguf_file = source, gguf_file
+        self.hf_token, self.cache_dir = hf_token, cache_dir
+        self.exporter, self.opset, self.force = exporter, opset, force
+        self.onnx_path: Path | None = None
+        self.program_path: Path | None = None
+        self.compile_options: dict = {}
+        name = f"{source}/{gguf_file}" if gguf_file else source
+        self.slug = cache.model_slug(gguf_file.removesuffix(".gguf") if gguf_file else source)
+        self.identity = {"model": os.path.abspath(name) if os.path.exists(source) else name,
+                         "exporter": exporter, "opset": opset, "version": __version__}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | None = None, gguf_file: str | None = None, **kwargs):
+        """A local HF dir, a ``.gguf`` file (or dir + ``gguf_file``), a hub id, or ``None`` for
+        the embedded default model (SmolLM2-135M-Instruct)."""
+        if name_or_path is None:
+            from qeff_graph.export import default_model_path
+
+            directory, gguf_file = default_model_path()
+            name_or_path = str(directory)
+        elif str(name_or_path).endswith(".gguf") and gguf_file is None:
+            name_or_path, gguf_file = os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+        return cls(str(name_or_path), gguf_file, **kwargs)
+
+    def export(self, progress: bool = True) -> Path:
+        """Export (unmodified ONNX) into the cache unless it is already there."""
+        target = cache.export_dir(self.slug, cache.options_hash(**self.identity), self.cache_dir)
+        onnx_path = target / "model.onnx"
+        if onnx_path.exists() and not self.force:
+            if progress:
+                _say(f"export: reusing {target}")
+        else:
+            from qeff_graph.export import export_causal_lm
+
+            export_causal_lm(self.source, target, exporter=self.exporter, opset=self.opset,
+                             gguf_file=self.gguf_file, hf_token=self.hf_token, progress=progress)
+        self.onnx_path = onnx_path
+        return onnx_path
+
+    def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1,
+                full_batch_size: int | None = None, kv_dtype: str = "float32",
+                backend: str = "ort", progress: bool = True, **_ignored) -> Path:
+        """Optimize the export into a program directory for ``backend`` (cached)."""
+        if backend != "ort":
+            raise QeffGraphError(f"backend {backend!r} is not available here; use --backend ort")
+        from qeff_graph.program import optimize
+
+        onnx_path = self.onnx_path or self.export(progress)
+        options = dict(prompt_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size,
+                       full_batch_size=full_batch_size, kv_dtype=kv_dtype)
+        digest = cache.options_hash(**self.identity, backend=backend, **options)
+        target = cache.program_dir(self.slug, backend, digest, self.cache_dir)
+        if (target / "qeff_graph.json").exists() and not self.force:
+            if progress:
+                _say(f"compile: reusing {target}")
+        else:
+            if progress:
+                _say(f"compile: optimizing for {backend} …")
+            optimize(onnx_path, target, **options)
+            export_dir = onnx_path.parent
+            for f in export_dir.iterdir():  # keep the tokenizer next to the program
+                if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "config",
+                                      "generation_config")):
+                    try:
+                        os.link(f, target / f.name)
+                    except OSError:
+                        import shutil
+
+                        shutil.copyfile(f, target / f.name)
+        self.program_path = target
+        self.compile_options = options
+        return target
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        base = self.program_path or (self.onnx_path.parent if self.onnx_path else None)
+        if base is None or not (base / "tokenizer_config.json").exists():
+            raise QeffGraphError("this model has no tokenizer files; pass prompts as token ids")
+        return AutoTokenizer.from_pretrained(base)
+
+    def generate(self, tokenizer=None, prompts: list[str] | str = (), generation_len: int | None = None,
+                 stream: bool = False, threads: int | None = None) -> GenerateOutput:
+        """Greedy generation for ``prompts`` with the compiled program (ONNX Runtime)."""
+        from qeff_graph.backends.ort import RetainedStateSession
+        from qeff_graph.generation import generate_ids
+
+        if self.program_path is None:
+            self.compile()
+        tokenizer = tokenizer or self.tokenizer()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise QeffGraphError("no prompt given; pass --prompt or --prompts-txt-file-path")
+        opts = self.compile_options
+        ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        session = RetainedStateSession(self.program_path, batch_size=opts["batch_size"],
+                                       ctx_len=opts["ctx_len"], threads=threads)
+        eos = tokenizer.eos_token_id
+        on_tokens = None
+        if stream:
+            def on_tokens(i, toks):
+                print(tokenizer.decode(toks, skip_special_tokens=True), end="", flush=True)
+        result = generate_ids(session, ids, prompt_len=opts["prompt_len"], generation_len=generation_len,
+                              eos_token_id=eos, on_tokens=on_tokens)
+        if stream:
+            print()
+        texts = [tokenizer.decode(g, skip_special_tokens=True) for g in result.generated_ids]
+        return GenerateOutput(prompts, texts, result.generated_ids, result.stop_reasons, result.perf)
