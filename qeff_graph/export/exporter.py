@@ -33,7 +33,7 @@ from typing import Any
 from qeff_graph.errors import QeffGraphError
 
 from ._quiet import quiet
-from .loader import _one_line, default_model_path, load_hf_causal_lm
+from .loader import _one_line, default_model_path, load_hf_causal_lm, resolve_source
 
 __all__ = ["export_causal_lm", "ExportResult", "EXPORTERS", "DEFAULT_OPSET", "ONNX_FILENAME"]
 
@@ -224,8 +224,10 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
         d, g = default_model_path()
         model_or_path, gguf_file = str(d), g
     if isinstance(model_or_path, (str, os.PathLike)):
+        _, gguf_resolved, _ = resolve_source(model_or_path, gguf_file)
         source = os.fspath(model_or_path) if gguf_file is None else \
             f"{os.fspath(model_or_path)}::{gguf_file}"
+        gguf_file = gguf_resolved
         _log(progress, f"loading {source} …")
         model, tok = load_hf_causal_lm(model_or_path, gguf_file=gguf_file, hf_token=hf_token,
                                        cache_dir=cache_dir, progress=progress)

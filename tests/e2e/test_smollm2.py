@@ -1,0 +1,62 @@
+"""The real SmolLM2-135M-Instruct (embedded default model): dynamo export → optimize → ORT.
+
+Slow (the dynamo export of 30 layers takes ~1.5 min on 2 cores); still runs in CI.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import qeff_graph as qg
+from qeff_graph.backends.ort import RetainedStateSession
+from qeff_graph.generation import generate_ids
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "My name is", "def fibonacci(n):\n    ",
+           "Once upon a time, in a land far away, there lived a"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from qeff_graph.export import default_model_path, export_causal_lm
+
+    directory, gguf = default_model_path()
+    out = tmp_path_factory.mktemp("smollm2") / "onnx"
+    result = export_causal_lm(str(directory), out, exporter="dynamo", gguf_file=gguf, progress=False)
+    return directory, gguf, result.onnx_path
+
+
+def test_optimize_fast_and_32_tokens_equal_hf(smollm2, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf, onnx_path = smollm2
+    start = time.perf_counter()
+    program = qg.optimize(onnx_path, tmp_path / "program", ctx_len=128, prompt_len=8)
+    seconds = time.perf_counter() - start
+    print(f"optimize SmolLM2-135M: {seconds:.2f} s")
+    assert seconds < 2.0, seconds
+    assert program.manifest["kv_cache"]["layers"] == 30 and program.manifest["kv_cache"]["kv_heads"] == 3
+
+    tokenizer = AutoTokenizer.from_pretrained(onnx_path.parent)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    session = RetainedStateSession(program.path, batch_size=4, ctx_len=128)
+    result = generate_ids(session, ids, prompt_len=8, generation_len=32,
+                          eos_token_id=tokenizer.eos_token_id, return_logits=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=torch.float32).eval()
+    for i, prompt in enumerate(ids):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True,
+                              pad_token_id=tokenizer.eos_token_id)
+        expected = ref.sequences[0, len(prompt):].tolist()
+        assert result.generated_ids[i] == expected, (PROMPTS[i], tokenizer.decode(result.generated_ids[i]),
+                                                      tokenizer.decode(expected))
+        diff = max(float(np.abs(a - b[0].numpy()).max()) for a, b in zip(result.logits[i], ref.logits))
+        assert diff < 1e-4, diff
+    assert sum(len(g) for g in result.generated_ids) >= 64
+    assert "Paris" in tokenizer.decode(result.generated_ids[0])
