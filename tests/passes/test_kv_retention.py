@@ -116,3 +116,38 @@ def test_passes_compose_individually():
     model = to_ir(cache_model())
     for p in (PastShape(), PositionMask(), KVRetention(), LastTokenLogits()):
         assert p(model).modified
+
+
+def test_attention_op_with_past_inputs():
+    """ONNX Attention (opset 23) taking past_key/past_value: scatter, then attend over the cache."""
+    from onnx import TensorProto, helper
+
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Attention", ["q", "k", "v", "", "past_key_values.0.key", "past_key_values.0.value"],
+                              ["y", "present.0.key", "present.0.value"])]
+    graph = helper.make_graph(nodes, "g", [
+        vi("input_ids", TensorProto.INT64, ["b", "s"]), vi("position_ids", TensorProto.INT64, ["b", "s"]),
+        vi("q", TensorProto.FLOAT, ["b", H, "s", D]), vi("k", TensorProto.FLOAT, ["b", H, "s", D]),
+        vi("v", TensorProto.FLOAT, ["b", H, "s", D]),
+        vi("past_key_values.0.key", TensorProto.FLOAT, ["b", H, "p", D]),
+        vi("past_key_values.0.value", TensorProto.FLOAT, ["b", H, "p", D])],
+        [vi("y", TensorProto.FLOAT, ["b", H, "s", D]), vi("present.0.key", TensorProto.FLOAT, ["b", H, "t", D]),
+         vi("present.0.value", TensorProto.FLOAT, ["b", H, "t", D])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model = PassManager(["kv-retention", "position-mask", "cleanup"])(to_ir(proto)).model
+    att = next(n for n in model.graph if n.op_type == "Attention")
+    assert att.inputs[1].producer().op_type == "ScatterND" and len([i for i in att.inputs[4:] if i]) == 0
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, H, 2, D)).astype(np.float32) for _ in range(3))
+    cache = np.zeros((1, H, 6, D), np.float32)
+    cache[:, :, 0] = rng.standard_normal((H, D))  # an earlier token at position 0
+    out = run(model, {"input_ids": np.zeros((1, 2), np.int64), "position_ids": np.array([[1, 2]]),
+                      "q": q, "k": k, "v": v, "past_key.0": cache, "past_value.0": cache})
+    keys = np.concatenate([cache[:, :, :1], k], axis=2)
+    vals = np.concatenate([cache[:, :, :1], v], axis=2)
+    scores = q @ keys.transpose(0, 1, 3, 2) / np.sqrt(D)
+    scores = np.where(np.arange(3)[None, None, None] <= np.array([1, 2])[None, None, :, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out["y"], p @ vals, atol=1e-5)
+    np.testing.assert_allclose(out["past_key.0_RetainedState"][:, :, 1:3], k, atol=0)
