@@ -507,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx-len", type=int, default=1024)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--out", help="work directory (source model + program); default: a temp dir")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--out", help="work directory for source/ and program/ (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep source/ and program/ afterwards")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--profile", help="cProfile the child; write pstats here and print the top")
     parser.add_argument("--check", action="store_true",
@@ -517,7 +517,6 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="qeff-large-graph-"))
     work.mkdir(parents=True, exist_ok=True)
-    keep = args.keep or bool(args.out)
     try:
         start = time.perf_counter()
         onnx_path = build_llama_shaped(work / "source", args.layers, args.hidden, args.heads, args.kv_heads,
@@ -543,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": child["peak_rss_kib"] / 1024,
             "output_disk_mib": out_actual / 2**20,
             "output_apparent_gib": out_apparent / 2**30,
-            "output_data_hard_linked": data_out.exists() and os.path.samefile(data_out, onnx_path.parent / DATA_FILE),
+            "output_data_hard_linked": data_out.exists()
+            and os.path.samefile(data_out, onnx_path.parent / DATA_FILE),
             "limits": {"seconds": LIMIT_SECONDS, "rss_mib": LIMIT_RSS_MIB},
             **child,
         }
@@ -573,10 +573,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak RSS {row['peak_rss_mib']:.0f} MiB (limit {LIMIT_RSS_MIB:g})")
         return 1 if args.check and (too_slow or too_big) else 0
     finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"\nkept {work} (source/ and program/)")
+        elif args.out:  # remove only what this run made in a directory the user named
+            for sub in ("source", "program"):
+                shutil.rmtree(work / sub, ignore_errors=True)
         else:
-            print(f"\nkept {work}")
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,10 @@ def _link_or_copy(src: str, dst: str) -> None:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     try:
         os.link(src, dst)
-    except OSError:
+    except OSError as exc:
+        logger.warning("cannot hard-link %s into %s (%s): copying %.1f MiB; put the output on the "
+                       "same filesystem as the model to avoid this", src, os.path.dirname(dst),
+                       exc.strerror, os.path.getsize(src) / 2**20)
         shutil.copyfile(src, dst)
 
 
