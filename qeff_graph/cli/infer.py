@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from qeff_graph.cli.options import add, positive_int
+from qeff_graph.cli.options import add, add_program_options, positive_int
 
 HELP = "export, optimize and run a causal LM on prompts (default model: SmolLM2-135M-Instruct)"
 
@@ -22,12 +22,9 @@ def add_parser(sub) -> None:
     add(p, "--cache-dir", default=None, help="cache root (default: $QEFF_HOME, ...)")
     add(p, "--hf-token", default=None, help="Hugging Face token for gated hub models")
     add(p, "--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="torch ONNX exporter")
-    add(p, "--batch-size", type=positive_int, default=1, help="rows run together")
-    add(p, "--prompt-len", type=positive_int, default=32, help="prefill chunk length")
-    add(p, "--ctx-len", type=positive_int, default=128, help="KV cache length")
+    add_program_options(p)
     add(p, "--generation-len", type=positive_int, default=None,
         help="max new tokens (default: until EOS or ctx_len)")
-    add(p, "--kv-dtype", choices=["float32", "float16"], default="float32", help="KV cache precision")
     group = p.add_mutually_exclusive_group()
     add(group, "--prompt", default=None, help="prompt text; `|` separates several prompts")
     add(group, "--prompts-txt-file-path", default=None, help="file with one prompt per line")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qeff_graph.cli.options import add, positive_int
+from qeff_graph.cli.options import add, add_program_options, positive_int
 
 HELP = "rewrite an exported ONNX causal LM into the retained-KV program directory"
 
@@ -19,12 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL.onnx", help="ONNX export with a dynamic KV cache "
                    "(past_key_values.* inputs, present.* outputs), from any exporter")
     add(p, "-o", "--output-dir", required=True, metavar="OUT_DIR", help="program directory to write")
-    add(p, "--ctx-len", type=positive_int, default=128, help="KV cache length (tokens)")
-    add(p, "--prompt-len", type=positive_int, default=32, help="prefill chunk length (seq_len of the prefill specialization)")
-    add(p, "--batch-size", type=positive_int, default=1, help="batch size of both specializations")
+    add_program_options(p)
     add(p, "--full-batch-size", type=positive_int, default=None,
         help="continuous batching: cache rows; adds the batch_index input")
-    add(p, "--kv-dtype", choices=["float32", "float16"], default="float32", help="precision of the KV cache IO")
     add(p, "--passes", default=None, metavar="a,b,c",
         help="comma-separated registered pass names replacing the default pipeline "
         "(see `qeff-graph passes`)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add", "positive_int"]
+__all__ = ["add", "add_program_options", "positive_int"]
 
 
 def add(parser: argparse.ArgumentParser, flag: str, *more: str, **kwargs) -> argparse.Action:
@@ -23,3 +23,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def add_program_options(parser: argparse.ArgumentParser) -> None:
+    """The shape/precision options a retained-KV program is built for (optimize, infer)."""
+    add(parser, "--ctx-len", type=positive_int, default=128, help="KV cache length (tokens)")
+    add(parser, "--prompt-len", type=positive_int, default=32,
+        help="prefill chunk length (seq_len of the prefill specialization)")
+    add(parser, "--batch-size", type=positive_int, default=1,
+        help="rows run together (batch size of both specializations)")
+    add(parser, "--kv-dtype", choices=["float32", "float16"], default="float32",
+        help="precision of the KV cache IO")

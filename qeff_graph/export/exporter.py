@@ -13,7 +13,7 @@ outputs                         ``logits`` ``[batch_size, sequence_length, vocab
 =============================  ==============================================================
 
 The output directory is written atomically (built in a temp dir beside it, then renamed) and
-holds ``model.onnx`` (+ ``model.onnx.data`` for models over 1.5 GiB of fp32 weights),
+holds ``model.onnx`` (+ ``model.onnx.data`` for models over 64 MiB of fp32 weights),
 ``config.json``, ``generation_config.json``, the tokenizer files when a tokenizer was loaded and
 ``export.json`` (exporter, opset, source, versions, timings).
 """
@@ -40,7 +40,8 @@ __all__ = ["export_causal_lm", "ExportResult", "EXPORTERS", "DEFAULT_OPSET", "ON
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
 ONNX_FILENAME = "model.onnx"
-EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)  # fp32 weight bytes above which weights go external
+EXTERNAL_DATA_THRESHOLD = 64 * 2**20  # fp32 weight bytes above which weights go to model.onnx.data
+# (keeps the proto small: later loads and rewrites never parse or copy the weights)
 EXAMPLE = dict(batch=2, seq=3, past=4)  # all distinct and > 1 so no dim gets specialised
 
 
@@ -131,12 +132,13 @@ def _finalize_onnx(path: Path, in_names: list[str], out_names: list[str], geo) -
     onnx.save_model(model, str(path))
 
 
-def _consolidate_external(tmp: Path, onnx_path: Path) -> None:
-    """TorchScript writes one file per external tensor; fold them into ``model.onnx.data``."""
+def _consolidate_external(tmp: Path, onnx_path: Path, external: bool) -> None:
+    """TorchScript writes one file per external tensor (and only past 2 GiB): store the weights
+    in a single ``model.onnx.data`` whenever they go external, like the dynamo path."""
     import onnx
 
     strays = [p for p in tmp.iterdir() if p.name != onnx_path.name]
-    if not strays:
+    if not strays and not external:
         return
     model = onnx.load(str(onnx_path), load_external_data=True)
     for p in strays:
@@ -181,7 +183,13 @@ def _torch_export(wrapper, args, onnx_path: Path, exporter: str, opset: int,
     if exporter == "dynamo":
         D = torch.export.Dim
         b, s = D("batch_size"), D("sequence_length")
-        p, t = D("past_sequence_length"), D("total_sequence_length")
+        p = D("past_sequence_length")
+        # total = past + seq is not expressible as a derived Dim (only one root allowed); a
+        # named independent Dim fails torch.export's range check (total >= 4 inferred from
+        # past, seq >= 2) and torch.onnx then re-runs the whole trace with refined shapes,
+        # doubling the time. Dim.DYNAMIC lets export infer the relation in one pass (the
+        # ONNX dim is renamed to total_sequence_length afterwards).
+        t = D.DYNAMIC
         dyn = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(n_past)))
         with quiet() as buf:
             torch.onnx.export(wrapper, args, str(onnx_path), input_names=in_names,
@@ -283,7 +291,7 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
         if not onnx_path.is_file():
             raise QeffGraphError(f"ONNX export of {source} with {exporter} wrote no model")
         if exporter == "torchscript":
-            _consolidate_external(tmp, onnx_path)
+            _consolidate_external(tmp, onnx_path, external)
         _finalize_onnx(onnx_path, in_names, out_names, geo)
         timings["export"] = time.perf_counter() - t1
 

@@ -20,21 +20,12 @@ PROMPTS = ["The capital of France is", "My name is", "def fibonacci(n):\n    ",
            "Once upon a time, in a land far away, there lived a"]
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from qeff_graph.export import default_model_path, export_causal_lm
-
-    directory, gguf = default_model_path()
-    out = tmp_path_factory.mktemp("smollm2") / "onnx"
-    result = export_causal_lm(str(directory), out, exporter="dynamo", gguf_file=gguf, progress=False)
-    return directory, gguf, result.onnx_path
-
-
-def test_optimize_fast_and_32_tokens_equal_hf(smollm2, tmp_path):
+def test_optimize_fast_and_32_tokens_equal_hf(smollm2_export, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, gguf, onnx_path = smollm2
+    directory, gguf, export = smollm2_export
+    onnx_path = export.onnx_path
     start = time.perf_counter()
     program = qg.optimize(onnx_path, tmp_path / "program", ctx_len=128, prompt_len=8)
     seconds = time.perf_counter() - start

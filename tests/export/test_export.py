@@ -150,6 +150,23 @@ def test_export_model_object_with_tokenizer_overwrites_atomically(tiny_dirs, tmp
     assert tok is None
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_external_data(exporter, tiny_dirs, tmp_path, monkeypatch):
+    import qeff_graph.export.exporter as ex
+
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "ext"
+    res = export_causal_lm(str(tiny_dirs["gpt2"]), out, exporter=exporter, progress=False)
+    assert res.external_data
+    onnx_files = sorted(p.name for p in out.iterdir() if ".onnx" in p.name)
+    assert onnx_files == ["model.onnx", "model.onnx.data"]
+    assert res.onnx_path.stat().st_size < (out / "model.onnx.data").stat().st_size
+    model, _ = load_hf_causal_lm(tiny_dirs["gpt2"])
+    geo = kv_geometry(model.config)
+    _check_io(res, geo)
+    _compare_with_torch(res, model, _inputs(geo, batch=2, seq=3, past=4))
+
+
 def test_failed_export_leaves_out_dir_untouched(tiny_dirs, tmp_path, monkeypatch):
     import qeff_graph.export.exporter as ex
 
@@ -252,18 +269,14 @@ def test_default_model_path():
 
 
 @pytest.mark.slow
-def test_export_smollm2_gguf(tmp_path):
-    _need_smollm2()
-    pytest.importorskip("gguf")
-    d, name = default_model_path()
-    out = tmp_path / "smollm2"
-    t = time.perf_counter()
-    res = export_causal_lm(str(d / name), out, exporter="dynamo", progress=False)
-    total = time.perf_counter() - t
-    print(f"SmolLM2 GGUF dynamo export: {total:.1f} s (timings {res.timings})")
+def test_export_smollm2_gguf(smollm2_export):
+    d, name, res = smollm2_export
+    out = res.out_dir
+    print(f"SmolLM2 GGUF dynamo export: {res.seconds:.1f} s (timings {res.timings})")
     assert (res.num_layers, res.num_kv_heads, res.head_dim) == (30, 3, 64)
     assert res.tokenizer_saved and (out / "tokenizer.json").is_file()
-    assert not res.external_data
+    assert res.external_data and (out / "model.onnx.data").stat().st_size > 500e6
+    assert (out / "model.onnx").stat().st_size < 20e6  # the graph only
     model, tok = load_hf_causal_lm(str(d / name))
     assert tok is not None
     geo = kv_geometry(model.config)
