@@ -65,7 +65,8 @@ def test_infer_default_model_matches_hf(seeded_cache, smollm2_export, tmp_path, 
 def test_infer_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["infer", "--model-name", "no-such-org/no-such-model", "--cache-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then one error line
+    assert err[-1].startswith("error: ") and "not found" in err[-1]
+    assert sum(line.startswith("error") for line in err) == 1 and "Traceback" not in "".join(err)
     assert main(["infer", "--batch-size", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""``qeff-graph execute``: run prompts through a compiled (``--backend ort``) program dir.
+
+QEfficient's ``QEfficient.cloud.execute`` counterpart: the tokenizer is read from the program
+dir (``compile`` copies it there), batch size / prompt_len / ctx_len from its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from qeff_graph.cli.options import add, positive_int
+
+HELP = "run prompts through a compiled program directory (backend ort)"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("execute", help=HELP, description=HELP + "; shapes come from its manifest "
+                       "and the tokenizer from its files.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add(p, "--model-name", "-m", default=None,
+        help="model the program should have been compiled from (checked against the manifest)")
+    add(p, "--qpc-path", required=True, metavar="DIR", help="program dir from `qeff-graph compile`")
+    group = p.add_mutually_exclusive_group()
+    add(group, "--prompt", default=None, help="prompt text; `|` separates several prompts")
+    add(group, "--prompts-txt-file-path", default=None, help="file with one prompt per line")
+    add(p, "--generation-len", type=positive_int, default=None,
+        help="max new tokens (default: until EOS or ctx_len)")
+    add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add(p, "--output-json", default=None, help="write prompts, texts, ids and perf stats to this file")
+    p.set_defaults(run=run)
+
+
+def _norm(name: str) -> str:
+    from qeff_graph.cache import model_slug
+
+    slug = model_slug(str(name).split("::")[0]).lower()
+    return re.split(r"--", slug)[-1].removesuffix(".gguf")
+
+
+def _same_model(a: str, b: str) -> bool:
+    from qeff_graph.cache import model_slug
+
+    return model_slug(a).lower() == model_slug(b).lower() or _norm(a) == _norm(b)
+
+
+def _load_tokenizer(directory: Path):
+    from qeff_graph.errors import QeffGraphError
+
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                   "tokenizer.model", "vocab.json")):
+        raise QeffGraphError(f"{directory} has no tokenizer files; compile it from an export that "
+                             "has a tokenizer (qeff-graph export saves one) or copy them there")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer is a user problem
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QeffGraphError(f"cannot load the tokenizer in {directory}: {first}") from None
+
+
+def run(args) -> int:
+    from qeff_graph.backends.ort import RetainedStateSession
+    from qeff_graph.cli.infer import read_prompts
+    from qeff_graph.errors import QeffGraphError
+    from qeff_graph.generation import generate_ids
+    from qeff_graph.models.causal_lm import GenerateOutput
+    from qeff_graph.program import read_manifest
+
+    qpc = Path(args.qpc_path)
+    if not qpc.is_dir():
+        raise QeffGraphError(f"{qpc} is not a directory; pass the -o DIR of `qeff-graph compile`")
+    manifest = read_manifest(qpc)
+    backend = (manifest.get("backend") or {}).get("name", "ort")
+    if backend != "ort":
+        raise QeffGraphError(f"{qpc} was compiled for --backend {backend}; execute runs --backend ort "
+                             "programs (compile it again with --backend ort)")
+    compiled_from = manifest.get("model_name")
+    if args.model_name and compiled_from and not _same_model(args.model_name, compiled_from):
+        raise QeffGraphError(f"qpc dir {qpc} was compiled from {compiled_from}, not {args.model_name}")
+    prompts = read_prompts(args.prompt, args.prompts_txt_file_path)
+    tokenizer = _load_tokenizer(qpc)
+    opts = manifest["options"]
+    rows = opts.get("full_batch_size") or opts["batch_size"]
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    session = RetainedStateSession(qpc, batch_size=rows, ctx_len=opts["ctx_len"], threads=args.threads)
+    on_tokens = None
+    if args.stream:
+        def on_tokens(i, toks):
+            print(tokenizer.decode(toks, skip_special_tokens=True), end="", flush=True)
+    result = generate_ids(session, ids, prompt_len=opts["prompt_len"],
+                          generation_len=args.generation_len, eos_token_id=tokenizer.eos_token_id,
+                          on_tokens=on_tokens)
+    if args.stream:
+        print()
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in result.generated_ids]
+    out = GenerateOutput(prompts, texts, result.generated_ids, result.stop_reasons, result.perf)
+    if not args.stream:
+        for prompt, text in zip(out.prompts, out.generated_texts):
+            print(f"=== prompt: {prompt!r}\n{text}")
+    for prompt, reason in zip(out.prompts, out.stop_reasons):
+        if reason == "ctx_len":
+            print(f"note: generation for {prompt!r} stopped at ctx_len={opts['ctx_len']}; "
+                  "compile with a larger --ctx-len for more")
+    perf = out.perf
+    print(f"TTFT: {perf['ttft_s']:.3f} s | prefill: {perf['prefill_s']:.3f} s | decode: "
+          f"{perf['decode_tok_s'] or 0:.1f} tok/s | total: {perf['total_tok_s'] or 0:.1f} tok/s | "
+          f"E2E: {perf['e2e_s']:.2f} s")
+    if args.output_json:
+        data = out.to_json()
+        data["qpc_path"] = str(qpc)
+        data["model_name"] = compiled_from
+        Path(args.output_json).write_text(json.dumps(data, indent=2) + "\n")
+    return 0
