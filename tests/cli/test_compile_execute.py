@@ -1,0 +1,260 @@
+"""`qeff-graph export` / `compile` (ort, qaic) / `execute` from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qeff_graph.cli import main
+from tests.e2e.conftest import OPTIMUM
+
+LLAMA = OPTIMUM["llama"] / "optimum" / "model.onnx"
+SENTENCES = ["my name is tiny llama", "the cat sat on the mat", "hello world how are you today",
+             "a quick brown fox jumps over the lazy dog", "once upon a time there was a model"]
+PROMPTS = ["my name is", "the quick brown fox jumps over the lazy cat"]
+
+
+def _fail(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def _save_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> None:
+    """A word-level tokenizer whose vocab covers all ``vocab_size`` ids of the tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "</s>"]
+    for w in " ".join(SENTENCES).split():
+        if w not in words:
+            words.append(w)
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="</s>").save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A tiny random llama + word-level tokenizer, exported with `qeff-graph export`."""
+    from tests.helpers import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("tiny_cli")
+    hf = make_tiny_hf("llama", root / "tiny-llama")
+    _save_tiny_tokenizer(hf)
+    out = root / "tiny-llama-onnx"
+    assert main(["export", str(hf), "-o", str(out), "--exporter", "torchscript", "-q"]) == 0
+    return hf, out
+
+
+@pytest.fixture(scope="module")
+def ort_program(tiny_export, tmp_path_factory):
+    hf, onnx_dir = tiny_export
+    prog = tmp_path_factory.mktemp("prog") / "ort"
+    assert main(["compile", str(onnx_dir / "model.onnx"), "-o", str(prog), "--backend", "ort",
+                 "--batch-size", "2", "--prompt-len", "4", "--ctx-len", "32", "-q"]) == 0
+    return hf, prog
+
+
+def _hf_greedy(hf: Path, prompts: list[str], max_new: int) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf).eval()
+    out = []
+    for p in prompts:
+        ids = torch.tensor([tok(p)["input_ids"]])
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                 do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def _decode_each(prog: Path, ids: list[int]) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prog)
+    return [tok.decode([i], skip_special_tokens=True).replace(" ", "") for i in ids]
+
+
+def test_export_prints_path(tiny_export, capsys):
+    _, out = tiny_export
+    assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_export_default_output_dir(tmp_path, monkeypatch):
+    from qeff_graph.cli.export import default_output_dir
+
+    assert default_output_dir("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB--SmolLM2-135M-onnx"
+    assert default_output_dir("/x/dir", "m.Q4.gguf") == "m.Q4-onnx"
+
+
+def test_compile_ort_program(ort_program):
+    hf, prog = ort_program
+    m = json.loads((prog / "qeff_graph.json").read_text())
+    assert m["backend"] == {"name": "ort"}
+    assert m["options"]["batch_size"] == 2 and m["options"]["ctx_len"] == 32
+    assert m["model_name"] == str(hf)
+    for name in ("model.onnx", "specializations.json", "custom_io.yaml", "tokenizer.json",
+                 "tokenizer_config.json", "config.json"):
+        assert (prog / name).is_file(), name
+
+
+def test_execute_matches_hf_greedy(ort_program, tmp_path, capsys):
+    hf, prog = ort_program
+    out_json = tmp_path / "out.json"
+    assert main(["execute", "--model-name", str(hf), "--qpc-path", str(prog),
+                 "--prompt", "|".join(PROMPTS), "--generation-len", "10",
+                 "--output-json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "=== prompt: 'my name is'" in text and "TTFT:" in text and "E2E:" in text
+    assert all(t and t in text for t in json.loads(out_json.read_text())["generated_texts"])
+    data = json.loads(out_json.read_text())
+    assert set(data) >= {"prompts", "generated_texts", "generated_ids", "stop_reasons", "perf"}
+    assert data["prompts"] == PROMPTS
+    assert data["generated_ids"] == _hf_greedy(hf, PROMPTS, 10)
+    assert all(r in ("eos", "generation_len") for r in data["stop_reasons"])
+
+
+def test_execute_stream_and_prompts_file(ort_program, tmp_path, capsys):
+    hf, prog = ort_program
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    out_json = tmp_path / "out.json"
+    assert main(["execute", "--qpc-path", str(prog), "--prompts-txt-file-path", str(prompts),
+                 "--generation-len", "6", "--stream", "--output-json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert data["prompts"] == PROMPTS
+    assert "=== prompt:" not in text  # streamed instead
+    assert all(data["generated_texts"])
+    # tokens are printed as they come (rows of a batch interleave), before the stats line
+    streamed = text.split("TTFT:")[0].replace(" ", "").replace("\n", "")
+    pieces = [w for ids in data["generated_ids"] for w in _decode_each(prog, ids)]
+    assert len(streamed) == sum(len(w) for w in pieces)
+    assert all(w in streamed for w in pieces)
+    assert data["generated_ids"] == _hf_greedy(hf, PROMPTS, 6)
+
+
+def test_execute_wrong_model_name(ort_program, capsys):
+    _, prog = ort_program
+    err = _fail(capsys, ["execute", "--model-name", "HuggingFaceTB/SmolLM2-135M", "--qpc-path",
+                         str(prog), "--prompt", "my name is"])
+    assert f"qpc dir {prog} was compiled from" in err and "not HuggingFaceTB/SmolLM2-135M" in err
+
+
+def test_execute_prompt_longer_than_ctx_len(ort_program, capsys):
+    _, prog = ort_program
+    err = _fail(capsys, ["execute", "--qpc-path", str(prog), "--prompt", " ".join(["the cat"] * 20)])
+    assert "ctx_len is 32" in err
+
+
+def test_execute_without_tokenizer(tmp_path, capsys):
+    prog = tmp_path / "prog"
+    assert main(["compile", str(LLAMA), "-o", str(prog), "--ctx-len", "32", "--prompt-len", "8", "-q"]) == 0
+    err = _fail(capsys, ["execute", "--qpc-path", str(prog), "--prompt", "hi"])
+    assert "no tokenizer" in err
+
+
+def test_compile_batch_size_zero(tmp_path, capsys):
+    err = _fail(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--batch-size", "0"])
+    assert "--batch-size" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_compile_qaic_only_option_with_ort(tmp_path, capsys):
+    err = _fail(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--mxint8"])
+    assert "--backend qaic" in err
+
+
+def test_compile_program_dir_reuse_and_reoptimize(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["compile", str(LLAMA), "-o", str(first), "--ctx-len", "32", "--prompt-len", "8", "-q"]) == 0
+    same = tmp_path / "same"
+    assert main(["compile", str(first), "-o", str(same)]) == 0
+    assert capsys.readouterr().out.startswith("copied ")
+    assert json.loads((same / "qeff_graph.json").read_text())["options"]["ctx_len"] == 32
+    other = tmp_path / "other"
+    assert main(["compile", str(first), "-o", str(other), "--ctx-len", "64"]) == 0
+    assert capsys.readouterr().out.startswith("re-optimized ")
+    m = json.loads((other / "qeff_graph.json").read_text())
+    assert m["options"]["ctx_len"] == 64 and m["options"]["prompt_len"] == 8
+    assert json.loads((other / "specializations.json").read_text())["specializations"][0]["ctx_len"] == "64"
+
+
+def test_compile_qaic_writes_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    import qeff_graph.backends.qaic.command as command
+
+    monkeypatch.setattr(command, "SDK_QAIC_EXEC", str(tmp_path / "no-sdk" / "qaic-exec"))
+    out = tmp_path / "qaic"
+    assert main(["compile", str(LLAMA), "-o", str(out), "--backend", "qaic", "--ctx-len", "64",
+                 "--prompt-len", "16", "--kv-dtype", "float16", "--mxfp6", "--mxint8",
+                 "--num-cores", "14", "--mos", "2", "--aic-enable-depth-first",
+                 "--device-group", "0,1"]) == 0
+    captured = capsys.readouterr()
+    p = out.resolve()
+    assert captured.out.strip() == (f"qaic-exec not found (Cloud AI 100 SDK not installed); "
+                                    f"the command is in {p / 'compile.sh'}")
+    expected = ["qaic-exec", "-aic-hw", "-aic-hw-version=2.0", f"-m={p}/model.onnx", "-compile-only",
+                "-retained-state", "-convert-to-fp16", "-mxfp6-matmul", "-mxint8",
+                "-aic-num-cores=14", "-mos=2", "-aic-enable-depth-first",
+                f"-network-specialization-config={p}/specializations.json",
+                f"-custom-IO-list-file={p}/custom_io.yaml",
+                f"-mdp-load-partition-config={p}/mdp.json", f"-aic-binary-dir={p}/qpc"]
+    m = json.loads((out / "qeff_graph.json").read_text())
+    assert m["backend"]["name"] == "qaic" and m["backend"]["executed"] is False
+    for got, want in zip(m["backend"]["command"], expected, strict=True):
+        assert got == want
+    script = out / "compile.sh"
+    assert script.is_file() and os.access(script, os.X_OK)
+    import shlex
+
+    assert shlex.split(script.read_text().strip().splitlines()[-1]) == expected
+    assert json.loads((out / "mdp.json").read_text()) == {
+        "connections": [{"devices": [0, 1], "type": "p2p"}],
+        "partitions": [{"name": "Partition0", "devices": [{"deviceId": 0, "numCores": 14},
+                                                          {"deviceId": 1, "numCores": 14}]}]}
+    entries = yaml.safe_load((out / "custom_io.yaml").read_text())
+    assert entries and {e["Precision"] for e in entries} == {"mxint8"}
+    assert any(e["IOName"] == "past_key.0" for e in entries)
+    assert any(e["IOName"].endswith("_RetainedState") for e in entries)
+
+
+def test_qaic_command_defaults_and_single_device(tmp_path):
+    from qeff_graph.backends.qaic import qaic_command, write_mdp_json
+
+    cmd = qaic_command("/p", binary_dir="/p/qpc", device_group=[0])
+    assert cmd == ["qaic-exec", "-aic-hw", "-aic-hw-version=2.0", "-m=/p/model.onnx", "-compile-only",
+                   "-retained-state", "-convert-to-fp16", "-aic-num-cores=16",
+                   "-network-specialization-config=/p/specializations.json",
+                   "-custom-IO-list-file=/p/custom_io.yaml", "-aic-binary-dir=/p/qpc"]
+    path = write_mdp_json(tmp_path / "mdp.json", [0, 1], 16)
+    assert json.loads(path.read_text()) == {
+        "connections": [{"devices": [0, 1], "type": "p2p"}],
+        "partitions": [{"name": "Partition0", "devices": [{"deviceId": 0, "numCores": 16},
+                                                          {"deviceId": 1, "numCores": 16}]}]}
+
+
+def test_execute_refuses_qaic_program(tmp_path, capsys, monkeypatch):
+    import qeff_graph.backends.qaic.command as command
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setattr(command, "SDK_QAIC_EXEC", str(tmp_path / "no-sdk" / "qaic-exec"))
+    out = tmp_path / "qaic"
+    assert main(["compile", str(LLAMA), "-o", str(out), "--backend", "qaic", "--ctx-len", "32",
+                 "--prompt-len", "8"]) == 0
+    capsys.readouterr()
+    err = _fail(capsys, ["execute", "--qpc-path", str(out), "--prompt", "hi"])
+    assert "--backend qaic" in err
