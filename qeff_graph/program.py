@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,10 +40,14 @@ __all__ = [
     "specializations",
     "custom_io",
     "read_manifest",
+    "copy_side_files",
     "MANIFEST",
 ]
 
 MANIFEST = "qeff_graph.json"
+# Files that travel with a program: tokenizer and model config (execute needs them).
+SIDE_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "config", "generation_config",
+              "chat_template", "added_tokens", "export.json")
 _PRECISION = {"float32": "float", "float16": "float16"}
 
 
@@ -177,6 +182,19 @@ def optimize(
         except OSError as exc:
             raise QeffGraphError(f"cannot write {out} ({exc.strerror}); choose a writable output directory") from None
     return Program(out, manifest)
+
+
+def copy_side_files(src_dir: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """Copy tokenizer/config files from ``src_dir`` (an export) into program dir ``out``."""
+    src_dir, out = Path(src_dir), Path(out)
+    copied = []
+    if not src_dir.is_dir():
+        return copied
+    for f in sorted(src_dir.iterdir()):
+        if f.is_file() and f.name.startswith(SIDE_FILES) and not (out / f.name).exists():
+            shutil.copyfile(f, out / f.name)
+            copied.append(f.name)
+    return copied
 
 
 def read_manifest(program_dir: str | os.PathLike) -> dict:

@@ -17,8 +17,6 @@ from pathlib import Path
 from qeff_graph.cli.options import add, positive_int
 
 HELP = "build a program directory for a backend (ort: runnable by `execute`; qaic: qaic-exec)"
-_SIDE_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "config", "generation_config",
-               "chat_template", "added_tokens", "export.json")
 _SHAPE_DEFAULTS = {"ctx_len": 128, "prompt_len": 32, "batch_size": 1, "kv_dtype": "float32",
                    "full_batch_size": None}
 
@@ -92,17 +90,6 @@ def _export_model_name(onnx_dir: Path) -> str | None:
     return None
 
 
-def _copy_side_files(src_dir: Path, out: Path) -> list[str]:
-    copied = []
-    if not src_dir.is_dir():
-        return copied
-    for f in sorted(src_dir.iterdir()):
-        if f.is_file() and f.name.startswith(_SIDE_FILES) and not (out / f.name).exists():
-            shutil.copyfile(f, out / f.name)
-            copied.append(f.name)
-    return copied
-
-
 def _write_manifest(out: Path, manifest: dict) -> None:
     from qeff_graph.program import MANIFEST
 
@@ -113,7 +100,7 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 
 def run(args) -> int:
     from qeff_graph.errors import QeffGraphError
-    from qeff_graph.program import optimize, read_manifest
+    from qeff_graph.program import copy_side_files, optimize, read_manifest
 
     qaic_only = [f for f, v in (("--num-cores", args.num_cores), ("--mxfp6", args.mxfp6),
                                 ("--mxint8", args.mxint8), ("--device-group", args.device_group),
@@ -139,7 +126,7 @@ def run(args) -> int:
             action = "re-optimized"
             optimize(src_onnx, out, **options, progress=progress,
                      extra_manifest={"model_name": model_name} if model_name else None)
-            _copy_side_files(program, out)
+            copy_side_files(program, out)
         else:
             action = "copied"
             if out.resolve() != program.resolve():
@@ -149,14 +136,14 @@ def run(args) -> int:
                     shutil.copytree(program, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("qpc", "compile.sh", "mdp.json"))
             else:
                 action = "reused"
-        _copy_side_files(src_onnx.parent, out)
+        copy_side_files(src_onnx.parent, out)
     else:
         options = {**_SHAPE_DEFAULTS, **given}
         model_name = args.model_name or _export_model_name(source.parent)
         action = "optimized"
         optimize(source, out, **options, progress=progress,
                  extra_manifest={"model_name": model_name} if model_name else None)
-        _copy_side_files(source.parent, out)
+        copy_side_files(source.parent, out)
     manifest = read_manifest(out)
     if model_name:
         manifest["model_name"] = model_name

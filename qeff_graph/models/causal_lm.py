@@ -87,7 +87,7 @@ class QEFFAutoModelForCausalLM:
         """Optimize the export into a program directory for ``backend`` (cached)."""
         if backend != "ort":
             raise QeffGraphError(f"backend {backend!r} is not available here; use --backend ort")
-        from qeff_graph.program import optimize
+        from qeff_graph.program import copy_side_files, optimize
 
         onnx_path = self.onnx_path or self.export(progress)
         options = dict(prompt_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size,
@@ -101,16 +101,7 @@ class QEFFAutoModelForCausalLM:
             if progress:
                 _say(f"compile: optimizing for {backend} …")
             optimize(onnx_path, target, **options)
-            export_dir = onnx_path.parent
-            for f in export_dir.iterdir():  # keep the tokenizer next to the program
-                if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "config",
-                                      "generation_config")):
-                    try:
-                        os.link(f, target / f.name)
-                    except OSError:
-                        import shutil
-
-                        shutil.copyfile(f, target / f.name)
+            copy_side_files(onnx_path.parent, target)  # tokenizer next to the program
         self.program_path = target
         self.compile_options = options
         return target

@@ -10,20 +10,13 @@ import pytest
 import yaml
 
 from qeff_graph.cli import main
+from tests.cli import fail_one_line
 from tests.e2e.conftest import OPTIMUM
 
 LLAMA = OPTIMUM["llama"] / "optimum" / "model.onnx"
 SENTENCES = ["my name is tiny llama", "the cat sat on the mat", "hello world how are you today",
              "a quick brown fox jumps over the lazy dog", "once upon a time there was a model"]
 PROMPTS = ["my name is", "the quick brown fox jumps over the lazy cat"]
-
-
-def _fail(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 def _save_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> None:
@@ -149,32 +142,32 @@ def test_execute_stream_and_prompts_file(ort_program, tmp_path, capsys):
 
 def test_execute_wrong_model_name(ort_program, capsys):
     _, prog = ort_program
-    err = _fail(capsys, ["execute", "--model-name", "HuggingFaceTB/SmolLM2-135M", "--qpc-path",
+    err = fail_one_line(capsys, ["execute", "--model-name", "HuggingFaceTB/SmolLM2-135M", "--qpc-path",
                          str(prog), "--prompt", "my name is"])
     assert f"qpc dir {prog} was compiled from" in err and "not HuggingFaceTB/SmolLM2-135M" in err
 
 
 def test_execute_prompt_longer_than_ctx_len(ort_program, capsys):
     _, prog = ort_program
-    err = _fail(capsys, ["execute", "--qpc-path", str(prog), "--prompt", " ".join(["the cat"] * 20)])
+    err = fail_one_line(capsys, ["execute", "--qpc-path", str(prog), "--prompt", " ".join(["the cat"] * 20)])
     assert "ctx_len is 32" in err
 
 
 def test_execute_without_tokenizer(tmp_path, capsys):
     prog = tmp_path / "prog"
     assert main(["compile", str(LLAMA), "-o", str(prog), "--ctx-len", "32", "--prompt-len", "8", "-q"]) == 0
-    err = _fail(capsys, ["execute", "--qpc-path", str(prog), "--prompt", "hi"])
+    err = fail_one_line(capsys, ["execute", "--qpc-path", str(prog), "--prompt", "hi"])
     assert "no tokenizer" in err
 
 
 def test_compile_batch_size_zero(tmp_path, capsys):
-    err = _fail(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--batch-size", "0"])
+    err = fail_one_line(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--batch-size", "0"])
     assert "--batch-size" in err
     assert not (tmp_path / "p").exists()
 
 
 def test_compile_qaic_only_option_with_ort(tmp_path, capsys):
-    err = _fail(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--mxint8"])
+    err = fail_one_line(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--mxint8"])
     assert "--backend qaic" in err
 
 
@@ -256,5 +249,5 @@ def test_execute_refuses_qaic_program(tmp_path, capsys, monkeypatch):
     assert main(["compile", str(LLAMA), "-o", str(out), "--backend", "qaic", "--ctx-len", "32",
                  "--prompt-len", "8"]) == 0
     capsys.readouterr()
-    err = _fail(capsys, ["execute", "--qpc-path", str(out), "--prompt", "hi"])
+    err = fail_one_line(capsys, ["execute", "--qpc-path", str(out), "--prompt", "hi"])
     assert "--backend qaic" in err

@@ -14,17 +14,10 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from qeff_graph.cli import main
+from tests.cli import fail_one_line
 from tests.e2e.conftest import OPTIMUM
 
 LLAMA = OPTIMUM["llama"] / "optimum" / "model.onnx"
-
-
-def _fail(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 def test_optimize_writes_program(tmp_path, capsys):
@@ -143,7 +136,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, capsys):
         assert code == 2 and "must be >= 1" in capsys.readouterr().err
         assert not out.exists()
         return
-    err = _fail(capsys, ["optimize", str(model), "-o", str(out), *extra])
+    err = fail_one_line(capsys, ["optimize", str(model), "-o", str(out), *extra])
     assert expect in err
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")] if out.parent.exists() else True
