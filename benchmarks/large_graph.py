@@ -420,9 +420,9 @@ def run_optimize_child(model: str | os.PathLike, out_dir: str | os.PathLike, *, 
     """Run ``qeff_graph.optimize`` in a fresh Python process; measure that process only.
 
     Returns ``wall_seconds`` (spawn to exit, interpreter start and imports included),
-    ``peak_rss_kib`` (the child's ``ru_maxrss``, KiB on Linux, from ``os.wait4`` so earlier
-    children of this process cannot leak into it; it equals ``getrusage(RUSAGE_CHILDREN)``
-    when this is the only child), and what the child recorded: ``optimize_seconds``,
+    ``peak_rss_kib`` (the child's peak RSS, KiB: ``VmHWM`` read by the child itself just
+    before it exits; ``wait4_maxrss_kib`` is the kernel's ``ru_maxrss``, which can include the
+    parent's RSS at spawn time), and what the child recorded: ``optimize_seconds``,
     ``phases`` (load/save seconds and RSS after each), per-pass seconds, final RSS split into
     anonymous and file-backed KiB, and the weight-read checks made just before the save (the
     rewritten graph still alive): ``weights_touched`` (external initializers whose bytes were
@@ -459,7 +459,13 @@ def run_optimize_child(model: str | os.PathLike, out_dir: str | os.PathLike, *, 
             err = Path(stderr_path).read_text()[-4000:]
             raise RuntimeError(f"optimize child failed (exit {code}, wall {wall:.1f}s):\n{err}")
         result = json.loads(Path(result_path).read_text())
-    result.update(wall_seconds=round(wall, 3), peak_rss_kib=usage.ru_maxrss,
+    # The child's own high-water mark (VmHWM of its post-exec address space). ru_maxrss from
+    # wait4 can also include the parent's RSS at spawn time (the pre-exec image shares the
+    # parent's mm), which inflates it when the parent is big, e.g. a pytest run with models
+    # loaded; it is kept for reference only.
+    hwm = result.get("final_status_kib", {}).get("VmHWM")
+    result.update(wall_seconds=round(wall, 3), peak_rss_kib=hwm if hwm else usage.ru_maxrss,
+                  wait4_maxrss_kib=usage.ru_maxrss,
                   rusage_children_maxrss_kib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return result
 
