@@ -64,11 +64,9 @@ def _load_tokenizer(directory: Path):
 
 
 def run(args) -> int:
-    from qeff_graph.backends.ort import RetainedStateSession
-    from qeff_graph.cli.infer import read_prompts
+    from qeff_graph.cli.infer import print_output, read_prompts
     from qeff_graph.errors import QeffGraphError
-    from qeff_graph.generation import generate_ids
-    from qeff_graph.models.causal_lm import GenerateOutput
+    from qeff_graph.models.causal_lm import generate_text
     from qeff_graph.program import read_manifest
 
     qpc = Path(args.qpc_path)
@@ -85,31 +83,9 @@ def run(args) -> int:
     prompts = read_prompts(args.prompt, args.prompts_txt_file_path)
     tokenizer = _load_tokenizer(qpc)
     opts = manifest["options"]
-    rows = opts.get("full_batch_size") or opts["batch_size"]
-    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    session = RetainedStateSession(qpc, batch_size=rows, ctx_len=opts["ctx_len"], threads=args.threads)
-    on_tokens = None
-    if args.stream:
-        def on_tokens(i, toks):
-            print(tokenizer.decode(toks, skip_special_tokens=True), end="", flush=True)
-    result = generate_ids(session, ids, prompt_len=opts["prompt_len"],
-                          generation_len=args.generation_len, eos_token_id=tokenizer.eos_token_id,
-                          on_tokens=on_tokens)
-    if args.stream:
-        print()
-    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in result.generated_ids]
-    out = GenerateOutput(prompts, texts, result.generated_ids, result.stop_reasons, result.perf)
-    if not args.stream:
-        for prompt, text in zip(out.prompts, out.generated_texts):
-            print(f"=== prompt: {prompt!r}\n{text}")
-    for prompt, reason in zip(out.prompts, out.stop_reasons):
-        if reason == "ctx_len":
-            print(f"note: generation for {prompt!r} stopped at ctx_len={opts['ctx_len']}; "
-                  "compile with a larger --ctx-len for more")
-    perf = out.perf
-    print(f"TTFT: {perf['ttft_s']:.3f} s | prefill: {perf['prefill_s']:.3f} s | decode: "
-          f"{perf['decode_tok_s'] or 0:.1f} tok/s | total: {perf['total_tok_s'] or 0:.1f} tok/s | "
-          f"E2E: {perf['e2e_s']:.2f} s")
+    out = generate_text(qpc, opts, tokenizer, prompts, generation_len=args.generation_len,
+                        stream=args.stream, threads=args.threads)
+    print_output(out, ctx_len=opts["ctx_len"], stream=args.stream)
     if args.output_json:
         data = out.to_json()
         data["qpc_path"] = str(qpc)

@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     add(p, "--hf-token", default=None, help="Hugging Face token for gated hub models")
     add(p, "--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="torch ONNX exporter")
     add_program_options(p)
+    add(p, "--full-batch-size", type=positive_int, default=None,
+        help="continuous batching: cache slots refilled from the prompt queue as rows finish")
     add(p, "--generation-len", type=positive_int, default=None,
         help="max new tokens (default: until EOS or ctx_len)")
     group = p.add_mutually_exclusive_group()
@@ -51,6 +53,20 @@ def read_prompts(prompt: str | None, path: str | None) -> list[str]:
     return prompts
 
 
+def print_output(out, *, ctx_len: int, stream: bool) -> None:
+    """Per-prompt text (unless streamed), ctx_len notes and QEfficient-style stats."""
+    if not stream:
+        for prompt, text in zip(out.prompts, out.generated_texts):
+            print(f"=== prompt: {prompt!r}\n{text}")
+    for prompt, reason in zip(out.prompts, out.stop_reasons):
+        if reason == "ctx_len":
+            print(f"note: generation for {prompt!r} stopped at ctx_len={ctx_len}; use a larger --ctx-len for more")
+    perf = out.perf
+    print(f"TTFT: {perf['ttft_s']:.3f} s | prefill: {perf['prefill_s']:.3f} s | decode: "
+          f"{perf['decode_tok_s'] or 0:.1f} tok/s | total: {perf['total_tok_s'] or 0:.1f} tok/s | "
+          f"E2E: {perf['e2e_s']:.2f} s")
+
+
 def run(args) -> int:
     from qeff_graph.models import QEFFAutoModelForCausalLM
 
@@ -59,19 +75,10 @@ def run(args) -> int:
         args.local_model_dir or args.model_name, gguf_file=args.gguf_file, hf_token=args.hf_token,
         cache_dir=args.cache_dir, exporter=args.exporter, force=args.force)
     model.compile(prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
-                  kv_dtype=args.kv_dtype, backend=args.backend)
+                  full_batch_size=args.full_batch_size, kv_dtype=args.kv_dtype, backend=args.backend)
     out = model.generate(prompts=prompts, generation_len=args.generation_len, stream=args.stream,
                          threads=args.threads)
-    if not args.stream:
-        for prompt, text in zip(out.prompts, out.generated_texts):
-            print(f"=== prompt: {prompt!r}\n{text}")
-    for prompt, reason in zip(out.prompts, out.stop_reasons):
-        if reason == "ctx_len":
-            print(f"note: generation for {prompt!r} stopped at ctx_len={args.ctx_len}; raise --ctx-len for more")
-    perf = out.perf
-    print(f"TTFT: {perf['ttft_s']:.3f} s | prefill: {perf['prefill_s']:.3f} s | decode: "
-          f"{perf['decode_tok_s'] or 0:.1f} tok/s | total: {perf['total_tok_s'] or 0:.1f} tok/s | "
-          f"E2E: {perf['e2e_s']:.2f} s")
+    print_output(out, ctx_len=args.ctx_len, stream=args.stream)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(out.to_json(), indent=2) + "\n")
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["GenerationResult", "generate_ids"]
+__all__ = ["GenerationResult", "generate_ids", "check_prompts", "make_perf"]
 
 
 @dataclasses.dataclass
@@ -48,14 +48,7 @@ def generate_ids(
         raise QeffGraphError(f"prompt_len must be >= 1, got {prompt_len}")
     ctx_len, batch = session.ctx_len, session.batch_size
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise QeffGraphError(f"prompt {i} is empty")
-        if len(p) >= ctx_len:
-            raise QeffGraphError(
-                f"prompt {i} has {len(p)} tokens but ctx_len is {ctx_len}; use a larger "
-                "--ctx-len or a shorter prompt"
-            )
+    check_prompts(prompts, ctx_len)
     out_ids: list[list[int]] = [[] for _ in prompts]
     out_logits: list[list[np.ndarray]] | None = [[] for _ in prompts] if return_logits else None
     reasons = [""] * len(prompts)
@@ -116,19 +109,37 @@ def generate_ids(
             decode_tokens += int(active.sum())
             next_pos += active
         decode_s += time.perf_counter() - t1
-    e2e = time.perf_counter() - start
-    total_generated = sum(len(g) for g in out_ids)
-    perf = {
+    perf = make_perf(prompts, out_ids, prefill_s=prefill_s, ttft=ttft, decode_s=decode_s,
+                     decode_tokens=decode_tokens, e2e=time.perf_counter() - start)
+    return GenerationResult([list(p) for p in prompts], out_ids, reasons, perf, out_logits)
+
+
+def make_perf(prompts, generated, *, prefill_s: float, ttft: float | None, decode_s: float,
+              decode_tokens: int, e2e: float) -> dict:
+    """QEfficient-style stats: prefill/TTFT, decode tok/s, total tok/s, E2E."""
+    total = sum(len(g) for g in generated)
+    return {
         "prefill_s": round(prefill_s, 4),
         "ttft_s": round(ttft or 0.0, 4),
         "decode_s": round(decode_s, 4),
         "decode_tok_s": round(decode_tokens / decode_s, 2) if decode_s > 0 else None,
-        "total_tok_s": round(total_generated / e2e, 2) if e2e > 0 else None,
+        "total_tok_s": round(total / e2e, 2) if e2e > 0 else None,
         "e2e_s": round(e2e, 4),
-        "generated_tokens": total_generated,
+        "generated_tokens": total,
         "prompt_tokens": int(sum(len(p) for p in prompts)),
     }
-    return GenerationResult([list(p) for p in prompts], out_ids, reasons, perf, out_logits)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], ctx_len: int) -> None:
+    """Every prompt is non-empty and leaves room in the cache for one generated token."""
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise QeffGraphError(f"prompt {i} is empty")
+        if len(p) >= ctx_len:
+            raise QeffGraphError(
+                f"prompt {i} has {len(p)} tokens but ctx_len is {ctx_len}; use a larger "
+                "--ctx-len or a shorter prompt"
+            )
 
 
 def _batch_index(session, batch: int) -> tuple:

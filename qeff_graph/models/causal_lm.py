@@ -15,7 +15,7 @@ from pathlib import Path
 from qeff_graph import __version__, cache
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput"]
+__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput", "generate_text"]
 
 
 @dataclasses.dataclass
@@ -117,27 +117,37 @@ class QEFFAutoModelForCausalLM:
     def generate(self, tokenizer=None, prompts: list[str] | str = (), generation_len: int | None = None,
                  stream: bool = False, threads: int | None = None) -> GenerateOutput:
         """Greedy generation for ``prompts`` with the compiled program (ONNX Runtime)."""
-        from qeff_graph.backends.ort import RetainedStateSession
-        from qeff_graph.generation import generate_ids
-
         if self.program_path is None:
             self.compile()
-        tokenizer = tokenizer or self.tokenizer()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise QeffGraphError("no prompt given; pass --prompt or --prompts-txt-file-path")
-        opts = self.compile_options
-        ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        session = RetainedStateSession(self.program_path, batch_size=opts["batch_size"],
-                                       ctx_len=opts["ctx_len"], threads=threads)
-        eos = tokenizer.eos_token_id
-        on_tokens = None
-        if stream:
-            def on_tokens(i, toks):
-                print(tokenizer.decode(toks, skip_special_tokens=True), end="", flush=True)
-        result = generate_ids(session, ids, prompt_len=opts["prompt_len"], generation_len=generation_len,
-                              eos_token_id=eos, on_tokens=on_tokens)
-        if stream:
-            print()
-        texts = [tokenizer.decode(g, skip_special_tokens=True) for g in result.generated_ids]
-        return GenerateOutput(prompts, texts, result.generated_ids, result.stop_reasons, result.perf)
+        return generate_text(self.program_path, self.compile_options, tokenizer or self.tokenizer(),
+                             prompts, generation_len=generation_len, stream=stream, threads=threads)
+
+
+def generate_text(program_path, options: dict, tokenizer, prompts: list[str] | str,
+                  generation_len: int | None = None, stream: bool = False,
+                  threads: int | None = None) -> GenerateOutput:
+    """Tokenize ``prompts``, run a program with ``options`` (its manifest's), decode the text.
+
+    Uses continuous batching when the program was built with ``full_batch_size``.
+    """
+    from qeff_graph.backends.ort import RetainedStateSession
+    from qeff_graph.generation import generate_continuous, generate_ids
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise QeffGraphError("no prompt given; pass --prompt or --prompts-txt-file-path")
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    rows = options.get("full_batch_size") or options["batch_size"]
+    session = RetainedStateSession(program_path, batch_size=rows, ctx_len=options["ctx_len"],
+                                   threads=threads)
+    on_tokens = None
+    if stream:
+        def on_tokens(i, toks):
+            print(tokenizer.decode(toks, skip_special_tokens=True), end="", flush=True)
+    run = generate_continuous if options.get("full_batch_size") else generate_ids
+    result = run(session, ids, prompt_len=options["prompt_len"], generation_len=generation_len,
+                 eos_token_id=tokenizer.eos_token_id, on_tokens=on_tokens)
+    if stream:
+        print()
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in result.generated_ids]
+    return GenerateOutput(prompts, texts, result.generated_ids, result.stop_reasons, result.perf)
