@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from qeff_graph.passes.manager import format_log
     from qeff_graph.program import optimize
 
     passes = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
@@ -55,15 +56,7 @@ def run(args) -> int:
         print(f"optimized {args.model} -> {program.path} in {m['seconds']:.2f}s")
         print(f"kv cache: {kv['layers']} layers, {kv['kv_heads']} kv heads, head_dim {kv['head_dim']}, "
               f"ctx_len {args.ctx_len}, {args.kv_dtype}")
-        print(_table(m["pipeline"]))
+        print(format_log(m["pipeline"], indent="  "))
         print("wrote: " + ", ".join(sorted(p.name for p in program.path.iterdir())))
     return 0
 
-
-def _table(log: list[dict]) -> str:
-    lines = [f"  {'pass':<20} {'time (s)':>9} {'nodes':>13}  stats"]
-    for e in log:
-        stats = ", ".join(f"{k}={v}" for k, v in e["stats"].items())
-        lines.append(f"  {e['pass']:<20} {e['seconds']:>9.3f} "
-                     f"{str(e['nodes_before']) + '->' + str(e['nodes_after']):>13}  {stats}")
-    return "\n".join(lines)

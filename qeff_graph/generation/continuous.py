@@ -9,7 +9,6 @@ into it; that prefill time counts as prefill.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -17,7 +16,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from qeff_graph.errors import QeffGraphError
-from qeff_graph.generation.generate import GenerationResult, check_prompts, make_perf
+from qeff_graph.generation.generate import (
+    GenerationResult,
+    StopRule,
+    check_prompts,
+    make_perf,
+    pad_prompts,
+)
 
 __all__ = ["generate_continuous"]
 
@@ -34,10 +39,9 @@ def generate_continuous(
     """Greedy generation with slot refilling; ``session.batch_size`` is ``full_batch_size``."""
     if not getattr(session, "continuous_batching", False):
         raise QeffGraphError("this program has no batch_index input; compile it with --full-batch-size")
-    check_prompts(prompts, session.ctx_len)
     slots, ctx_len = session.batch_size, session.ctx_len
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    limit = generation_len if generation_len is not None else ctx_len
+    check_prompts(prompts, ctx_len, prompt_len)
+    stop = StopRule.of(eos_token_id, generation_len, ctx_len)
     out_ids: list[list[int]] = [[] for _ in prompts]
     reasons = [""] * len(prompts)
     queue = deque(range(len(prompts)))
@@ -55,12 +59,7 @@ def generate_continuous(
         out_ids[i].append(token)
         if on_tokens is not None:
             on_tokens(i, [token])
-        if token in eos:
-            reasons[i] = "eos"
-        elif len(out_ids[i]) >= limit:
-            reasons[i] = "generation_len"
-        elif next_pos[slot] >= ctx_len:
-            reasons[i] = "ctx_len"
+        reasons[i] = stop.reason(token, len(out_ids[i]), int(next_pos[slot]))
         if reasons[i]:
             owner[slot] = -1
         else:
@@ -69,17 +68,13 @@ def generate_continuous(
     def prefill(slot: int, i: int) -> None:
         nonlocal prefill_s, ttft
         t0 = time.perf_counter()
-        ids = np.asarray(prompts[i], dtype=np.int64)
-        chunks = math.ceil(len(ids) / prompt_len)
-        padded = np.zeros(chunks * prompt_len, dtype=np.int64)
-        pos = np.full(chunks * prompt_len, -1, dtype=np.int64)
-        padded[: len(ids)], pos[: len(ids)] = ids, np.arange(len(ids))
-        for c in range(chunks):
+        ids, pos, lens = pad_prompts([prompts[i]], 1, prompt_len)
+        for c in range(ids.shape[1] // prompt_len):
             sl = slice(c * prompt_len, (c + 1) * prompt_len)
-            logits = session.run(padded[None, sl], pos[None, sl], np.array([[slot]]))
+            logits = session.run(ids[:, sl], pos[:, sl], np.array([[slot]]))
         prefill_s += time.perf_counter() - t0
         ttft = ttft if ttft is not None else time.perf_counter() - start
-        owner[slot], next_pos[slot] = i, len(ids)
+        owner[slot], next_pos[slot] = i, lens[0]
         emit(slot, int(logits[0, 0].argmax()))
 
     while queue or any(o >= 0 for o in owner):

@@ -18,7 +18,7 @@ import numpy as np
 
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["GenerationResult", "generate_ids", "check_prompts", "make_perf"]
+__all__ = ["GenerationResult", "StopRule", "check_prompts", "generate_ids", "make_perf", "pad_prompts"]
 
 
 @dataclasses.dataclass
@@ -44,11 +44,9 @@ def generate_ids(
 
     ``on_tokens(prompt_index, new_token_ids)`` is called as tokens are produced (streaming).
     """
-    if prompt_len < 1:
-        raise QeffGraphError(f"prompt_len must be >= 1, got {prompt_len}")
     ctx_len, batch = session.ctx_len, session.batch_size
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    check_prompts(prompts, ctx_len)
+    check_prompts(prompts, ctx_len, prompt_len)
+    stop = StopRule.of(eos_token_id, generation_len, ctx_len)
     out_ids: list[list[int]] = [[] for _ in prompts]
     out_logits: list[list[np.ndarray]] | None = [[] for _ in prompts] if return_logits else None
     reasons = [""] * len(prompts)
@@ -58,19 +56,11 @@ def generate_ids(
     decode_tokens = 0
     for first in range(0, len(prompts), batch):
         rows = list(range(first, min(first + batch, len(prompts))))
-        lens = np.zeros(batch, dtype=np.int64)
-        for r, i in enumerate(rows):
-            lens[r] = len(prompts[i])
-        chunks = math.ceil(int(lens.max()) / prompt_len)
-        ids = np.zeros((batch, chunks * prompt_len), dtype=np.int64)
-        pos = np.full((batch, chunks * prompt_len), -1, dtype=np.int64)
-        for r, i in enumerate(rows):
-            ids[r, : lens[r]] = prompts[i]
-            pos[r, : lens[r]] = np.arange(lens[r])
+        ids, pos, lens = pad_prompts([prompts[i] for i in rows], batch, prompt_len)
         session.reset()
         t0 = time.perf_counter()
         last = None
-        for c in range(chunks):
+        for c in range(ids.shape[1] // prompt_len):
             sl = slice(c * prompt_len, (c + 1) * prompt_len)
             logits = session.run(ids[:, sl], pos[:, sl], *_batch_index(session, batch))
             has = (pos[:, sl] >= 0).any(axis=1)
@@ -81,7 +71,6 @@ def generate_ids(
         next_pos = lens.copy()
         active = np.zeros(batch, dtype=bool)
         active[: len(rows)] = True
-        limit = generation_len if generation_len is not None else ctx_len
         t1 = time.perf_counter()
         while True:
             tokens = last.argmax(-1)
@@ -94,12 +83,8 @@ def generate_ids(
                     out_logits[i].append(last[r].astype(np.float32))
                 if on_tokens is not None:
                     on_tokens(i, [token])
-                if token in eos:
-                    reasons[i], active[r] = "eos", False
-                elif len(out_ids[i]) >= limit:
-                    reasons[i], active[r] = "generation_len", False
-                elif next_pos[r] >= ctx_len:
-                    reasons[i], active[r] = "ctx_len", False
+                reasons[i] = stop.reason(token, len(out_ids[i]), int(next_pos[r]))
+                active[r] = not reasons[i]
             if not active.any():
                 break
             step_pos = np.where(active, next_pos, -1)
@@ -112,6 +97,43 @@ def generate_ids(
     perf = make_perf(prompts, out_ids, prefill_s=prefill_s, ttft=ttft, decode_s=decode_s,
                      decode_tokens=decode_tokens, e2e=time.perf_counter() - start)
     return GenerationResult([list(p) for p in prompts], out_ids, reasons, perf, out_logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """When a row stops: at EOS, after ``limit`` tokens, or when the cache is full."""
+
+    eos: frozenset
+    limit: int
+    ctx_len: int
+
+    @classmethod
+    def of(cls, eos_token_id, generation_len: int | None, ctx_len: int) -> StopRule:
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        return cls(frozenset(eos), generation_len if generation_len is not None else ctx_len, ctx_len)
+
+    def reason(self, token: int, generated: int, next_pos: int) -> str:
+        """``"eos"``/``"generation_len"``/``"ctx_len"`` if the row stops after ``token``, else ``""``."""
+        if token in self.eos:
+            return "eos"
+        if generated >= self.limit:
+            return "generation_len"
+        if next_pos >= self.ctx_len:
+            return "ctx_len"
+        return ""
+
+
+def pad_prompts(rows: Sequence[Sequence[int]], batch: int, prompt_len: int):
+    """Right-pad ``rows`` into ``[batch, chunks * prompt_len]`` ids and positions (pads: -1)."""
+    lens = np.zeros(batch, dtype=np.int64)
+    lens[: len(rows)] = [len(p) for p in rows]
+    width = math.ceil(int(lens.max()) / prompt_len) * prompt_len
+    ids = np.zeros((batch, width), dtype=np.int64)
+    pos = np.full((batch, width), -1, dtype=np.int64)
+    for r, p in enumerate(rows):
+        ids[r, : lens[r]] = p
+        pos[r, : lens[r]] = np.arange(lens[r])
+    return ids, pos, lens
 
 
 def make_perf(prompts, generated, *, prefill_s: float, ttft: float | None, decode_s: float,
@@ -130,8 +152,10 @@ def make_perf(prompts, generated, *, prefill_s: float, ttft: float | None, decod
     }
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], ctx_len: int) -> None:
-    """Every prompt is non-empty and leaves room in the cache for one generated token."""
+def check_prompts(prompts: Sequence[Sequence[int]], ctx_len: int, prompt_len: int) -> None:
+    """prompt_len >= 1; every prompt is non-empty and leaves room in the cache for one token."""
+    if prompt_len < 1:
+        raise QeffGraphError(f"prompt_len must be >= 1, got {prompt_len}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise QeffGraphError(f"prompt {i} is empty")

@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["PassManager", "VerificationError", "pass_name", "pass_params"]
+__all__ = ["PassManager", "VerificationError", "format_log", "pass_name", "pass_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ def pass_params(p: ir.passes.PassBase) -> dict:
             if isinstance(value, (int, float, str, bool, type(None), list, tuple)):
                 params[name] = list(value) if isinstance(value, tuple) else value
     return params
+
+
+def format_log(log: list[dict], indent: str = "") -> str:
+    """A pass log (``PassManager.log`` or a manifest's ``pipeline``) as a table."""
+    lines = [f"{indent}{'pass':<22} {'time (s)':>9} {'nodes':>13}  stats"]
+    for e in log:
+        delta = f"{e['nodes_before']}->{e['nodes_after']}"
+        stats = ", ".join(f"{k}={v}" for k, v in e["stats"].items())
+        lines.append(f"{indent}{e['pass']:<22} {e['seconds']:>9.3f} {delta:>13}  {stats}")
+    return "\n".join(lines)
 
 
 def _node_count(model: ir.Model) -> int:
@@ -163,12 +173,7 @@ class PassManager(ir.passes.PassManager):
 
     def report(self) -> str:
         """A table of the last run: pass, seconds, node delta, stats."""
-        lines = [f"{'pass':<22} {'time (s)':>9} {'nodes':>13}  stats"]
-        for e in self.log:
-            delta = f"{e['nodes_before']}->{e['nodes_after']}"
-            stats = ", ".join(f"{k}={v}" for k, v in e["stats"].items())
-            lines.append(f"{e['pass']:<22} {e['seconds']:>9.3f} {delta:>13}  {stats}")
-        return "\n".join(lines)
+        return format_log(self.log)
 
     def _dump(self, model: ir.Model, tag: str) -> Path:
         self.dump_dir.mkdir(parents=True, exist_ok=True)
