@@ -80,7 +80,10 @@ class PositionMask(ir.passes.InPlacePass):
             )
         pos = io.position_ids
         keys = {layer.key.past for layer in kv.layers} | {layer.key.present for layer in kv.layers}
-        keys |= {layer.key.writer.outputs[0] for layer in kv.layers}
+        # the cache itself when the present output sits behind Identity/Cast (an Attention
+        # writer's first output is the attention result, not the cache)
+        keys |= {layer.key.writer.outputs[0] for layer in kv.layers
+                 if layer.key.writer.op_type != "Attention"}
 
         softmaxes = [
             n for n in graph
