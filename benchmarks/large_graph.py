@@ -416,7 +416,8 @@ with open(spec["result"], "w") as f:
 
 def run_optimize_child(model: str | os.PathLike, out_dir: str | os.PathLike, *, ctx_len: int = 1024,
                        prompt_len: int = 128, batch_size: int = 1, profile: str | None = None,
-                       timeout: float | None = None, touch_weights: tuple[str, ...] = ()) -> dict:
+                       timeout: float | None = None, touch_weights: tuple[str, ...] = (),
+                       hardlink_data: bool = False) -> dict:
     """Run ``qeff_graph.optimize`` in a fresh Python process; measure that process only.
 
     Returns ``wall_seconds`` (spawn to exit, interpreter start and imports included),
@@ -434,7 +435,8 @@ def run_optimize_child(model: str | os.PathLike, out_dir: str | os.PathLike, *, 
         result_path = os.path.join(tmp, "result.json")
         spec = {"model": str(model), "out": str(out_dir), "result": result_path, "profile": profile,
                 "touch": list(touch_weights),
-                "options": {"ctx_len": ctx_len, "prompt_len": prompt_len, "batch_size": batch_size}}
+                "options": {"ctx_len": ctx_len, "prompt_len": prompt_len, "batch_size": batch_size,
+                            "hardlink_data": hardlink_data}}
         stderr_path = os.path.join(tmp, "stderr.txt")
         fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
@@ -513,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx-len", type=int, default=1024)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--hardlink-data", action="store_true",
+                        help="hard-link the data file into the program (default: clone/sparse copy)")
     parser.add_argument("--out", help="work directory for source/ and program/ (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep source/ and program/ afterwards")
     parser.add_argument("--json", help="write the results to this JSON file")
@@ -534,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         if program.exists():
             shutil.rmtree(program)
         child = run_optimize_child(onnx_path, program, ctx_len=args.ctx_len, prompt_len=args.prompt_len,
-                                   batch_size=args.batch_size, profile=args.profile)
+                                   batch_size=args.batch_size, profile=args.profile,
+                                   hardlink_data=args.hardlink_data)
         out_actual, out_apparent = disk_usage(program)
         data_out = program / DATA_FILE
         row = {

@@ -133,14 +133,22 @@ def optimize(
     dump_after: Sequence[str] = (),
     progress: bool = False,
     extra_manifest: dict | None = None,
+    hardlink_data: bool = False,
+    weight_bits: int | None = None,
 ) -> Program:
     """Rewrite a dynamic-KV ONNX export into a retained-state program directory.
 
-    ``passes`` overrides the default ``retained-kv`` pipeline by registered names. Every
+    ``passes`` overrides the default ``retained-kv`` pipeline by registered names.
+    ``weight_bits`` (4 or 8) adds ``matmul-nbits``: weight-only block-quantized MatMuls for
+    ONNX Runtime (what ``--mxfp6`` maps to on the ort backend). The source's
+    external data files are cloned (reflink or hole-preserving copy); ``hardlink_data`` hard-links
+    them instead (no copy; ONNX Runtime loads them, but ``onnx.load`` refuses hard-linked data). Every
     problem with the input raises :class:`QeffGraphError` before anything is written.
     """
     _check_options(ctx_len, prompt_len, batch_size, kv_dtype, full_batch_size)
-    names = list(passes) if passes else pipeline_names(kv_dtype=kv_dtype)
+    if weight_bits not in (None, 4, 8):
+        raise QeffGraphError(f"--weight-bits must be 4 or 8, got {weight_bits}")
+    names = list(passes) if passes else pipeline_names(kv_dtype=kv_dtype, weight_bits=weight_bits)
     for name in names:
         registry.get(name)  # unknown names fail before any work
     source = Path(model)
@@ -150,6 +158,8 @@ def optimize(
     kv = qir.find_kv_cache(graph)  # says clearly when there is no KV cache
     options = dict(ctx_len=ctx_len, prompt_len=prompt_len, batch_size=batch_size,
                    kv_dtype=kv_dtype, continuous_batching=bool(full_batch_size))
+    if weight_bits is not None:
+        options["weight_bits"] = weight_bits
     manager = PassManager(build_pipeline(names, **options), verify=verify,
                           dump_dir=dump_dir, dump_before=dump_before, dump_after=dump_after,
                           progress=progress)
@@ -162,7 +172,8 @@ def optimize(
         "source": {"path": str(onnx_file.resolve()), "sha256": _file_sha256(onnx_file),
                    "kv_form": "retained" if kv.retained else "dynamic"},
         "options": {"ctx_len": ctx_len, "prompt_len": prompt_len, "batch_size": batch_size,
-                    "kv_dtype": kv_dtype, "full_batch_size": full_batch_size},
+                    "kv_dtype": kv_dtype, "full_batch_size": full_batch_size,
+                    "weight_bits": weight_bits},
         "kv_cache": layout,
         "io": _io_contract(graph),
         "pipeline": manager.log,
@@ -174,7 +185,7 @@ def optimize(
     out = Path(output_dir)
     with qir.atomic_dir(out) as tmp:
         try:
-            qir.write_model_files(graph, tmp)
+            qir.write_model_files(graph, tmp, hardlink=hardlink_data)
             (tmp / "specializations.json").write_text(json.dumps(spec, indent=2) + "\n")
             (tmp / "custom_io.yaml").write_text(yaml.safe_dump(custom_io(graph, kv_dtype), sort_keys=False))
             manifest["seconds"] = round(time.perf_counter() - started, 3)

@@ -1,7 +1,13 @@
-"""Shared test helpers: tiny random Hugging Face causal LMs built from config classes."""
+"""Shared test helpers: tiny random Hugging Face causal LMs built from config classes; running
+the CLI in-process with its output captured."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import os
+import time
 from pathlib import Path
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, vocab_size=512, initializer_range=0.3,
@@ -44,3 +50,43 @@ def make_tiny_hf(arch: str, directory: str | Path) -> Path:
     model.eval()
     model.save_pretrained(directory)
     return directory
+
+
+README_PROMPT = "The capital of France is"
+
+
+@dataclasses.dataclass
+class FreshInfer:
+    """What the first ``qeff-graph infer`` from an empty cache did."""
+
+    home: Path  # the QEFF_HOME it ran with
+    argv: list[str]
+    rc: int
+    seconds: float
+    stdout: str
+    stderr: str
+    result: dict  # its --output-json
+
+
+@contextlib.contextmanager
+def qeff_home(path: Path):
+    old = os.environ.get("QEFF_HOME")
+    os.environ["QEFF_HOME"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("QEFF_HOME", None)
+        else:
+            os.environ["QEFF_HOME"] = old
+
+
+def run_cli(argv: list[str]) -> tuple[int, float, str, str]:
+    """``qeff_graph.cli.main(argv)`` in-process: (exit code, seconds, stdout, stderr)."""
+    from qeff_graph.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, time.perf_counter() - start, out.getvalue(), err.getvalue()

@@ -14,27 +14,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from qeff_graph.cli.options import add, positive_int
+from qeff_graph.cli.options import HelpFormatter, add, add_compression_options, add_qaic_options, positive_int
 
 HELP = "build a program directory for a backend (ort: runnable by `execute`; qaic: qaic-exec)"
 _SHAPE_DEFAULTS = {"ctx_len": 128, "prompt_len": 32, "batch_size": 1, "kv_dtype": "float32",
-                   "full_batch_size": None}
-
-
-def _device_group(text: str) -> list[int]:
-    try:
-        devices = [int(s) for s in text.replace("[", "").replace("]", "").split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of device ids") from None
-    if not devices or any(d < 0 for d in devices) or len(set(devices)) != len(devices):
-        raise argparse.ArgumentTypeError(f"{text!r}: give distinct device ids >= 0, e.g. 0,1")
-    return devices
+                   "full_batch_size": None, "weight_bits": None}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compile", help=HELP, description=HELP + ". Shape options left out are "
                        "taken from an input program's manifest (else ctx_len 128, prompt_len 32, "
-                       "batch_size 1, float32 KV).")
+                       "batch_size 1, float32 KV).", formatter_class=HelpFormatter)
     p.add_argument("source", metavar="PROGRAM_DIR|MODEL.onnx",
                    help="a program dir from `optimize`/`compile`, or a dynamic-KV ONNX export")
     add(p, "-o", "--output-dir", required=True, metavar="DIR", help="program directory to write")
@@ -47,15 +37,9 @@ def add_parser(sub) -> None:
     add(p, "--kv-dtype", choices=["float32", "float16"], default=None, help="precision of the KV IO")
     add(p, "--model-name", default=None,
         help="model name recorded in the manifest (default: the export's source)")
+    add_compression_options(p)
     q = p.add_argument_group("qaic options (--backend qaic)")
-    add(q, "--num-cores", type=positive_int, default=None, help="AI cores (default: 16)")
-    add(q, "--mxfp6", "--mxfp6-matmul", action="store_true", help="MXFP6-compress matmul weights")
-    add(q, "--mxint8", action="store_true", help="MXINT8-compress the KV cache (custom_io mxint8)")
-    add(q, "--device-group", type=_device_group, default=None, metavar="0,1",
-        help="device ids; more than one writes mdp.json (multi-device partition)")
-    add(q, "--mos", type=positive_int, default=None, help="-mos (max output splits)")
-    add(q, "--aic-enable-depth-first", action="store_true", help="-aic-enable-depth-first")
-    add(q, "--aic-hw-version", default="2.0", help="-aic-hw-version")
+    add_qaic_options(q, num_cores_help="qaic: -aic-num-cores (default 16)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(run=run)
 
@@ -102,13 +86,29 @@ def run(args) -> int:
     from qeff_graph.errors import QeffGraphError
     from qeff_graph.program import copy_side_files, optimize, read_manifest
 
-    qaic_only = [f for f, v in (("--num-cores", args.num_cores), ("--mxfp6", args.mxfp6),
-                                ("--mxint8", args.mxint8), ("--device-group", args.device_group),
-                                ("--mos", args.mos), ("--aic-enable-depth-first",
-                                                      args.aic_enable_depth_first)) if v]
+    qaic_only = [f for f, v in (("--num-cores", args.num_cores), ("--mos", args.mos),
+                                ("--aic-enable-depth-first", args.aic_enable_depth_first),
+                                ("--device-group", args.device_group and len(args.device_group) > 1))
+                 if v]
     if args.backend != "qaic" and qaic_only:
         raise QeffGraphError(f"{', '.join(qaic_only)} only apply to --backend qaic")
+    if args.backend == "qaic" and args.weight_bits:
+        raise QeffGraphError("--weight-bits applies to --backend ort; qaic compresses weights with --mxfp6")
     given = {k: getattr(args, k) for k in _SHAPE_DEFAULTS if getattr(args, k) is not None}
+    if args.backend == "ort":
+        from qeff_graph.backends.ort.options import ort_program_options
+
+        lowered, notes = ort_program_options(mxfp6=args.mxfp6, mxint8=args.mxint8,
+                                             weight_bits=args.weight_bits,
+                                             kv_dtype=given.get("kv_dtype", "float32"))
+        if args.mxint8:
+            given["kv_dtype"] = lowered["kv_dtype"]
+        if lowered["weight_bits"] is not None:
+            given["weight_bits"] = lowered["weight_bits"]
+        for note in notes if not args.quiet else ():
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        given["weight_bits"] = None  # MatMulNBits is an ONNX Runtime op: qaic gets float weights
     source, program = _resolve_source(args.source)
     out = Path(args.output_dir)
     progress = not args.quiet and sys.stderr.isatty()

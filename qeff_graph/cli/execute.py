@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from qeff_graph.cli.options import add, positive_int
+from qeff_graph.cli.options import HelpFormatter, add, positive_int
 
 HELP = "run prompts through a compiled program directory (backend ort)"
 
@@ -19,7 +19,7 @@ HELP = "run prompts through a compiled program directory (backend ort)"
 def add_parser(sub) -> None:
     p = sub.add_parser("execute", help=HELP, description=HELP + "; shapes come from its manifest "
                        "and the tokenizer from its files.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add(p, "--model-name", "-m", default=None,
         help="model the program should have been compiled from (checked against the manifest)")
     add(p, "--qpc-path", required=True, metavar="DIR", help="program dir from `qeff-graph compile`")
@@ -29,8 +29,12 @@ def add_parser(sub) -> None:
     add(p, "--generation-len", type=positive_int, default=None,
         help="max new tokens (default: until EOS or ctx_len)")
     add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
+    add(p, "--chat-template", action="store_true",
+        help="wrap each prompt as a user turn with the tokenizer's chat template (instruct models)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add(p, "--output-json", default=None, help="write prompts, texts, ids and perf stats to this file")
+    add(p, "--write-io-dir", default=None, metavar="DIR",
+        help="write the first prefill and decode step's inputs/outputs as raw files + aic_batch_io.json")
     p.set_defaults(run=run)
 
 
@@ -84,7 +88,8 @@ def run(args) -> int:
     tokenizer = _load_tokenizer(qpc)
     opts = manifest["options"]
     out = generate_text(qpc, opts, tokenizer, prompts, generation_len=args.generation_len,
-                        stream=args.stream, threads=args.threads)
+                        stream=args.stream, threads=args.threads, chat_template=args.chat_template,
+                        write_io_dir=args.write_io_dir)
     print_output(out, ctx_len=opts["ctx_len"], stream=args.stream)
     if args.output_json:
         data = out.to_json()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qeff_graph.cli.options import add, positive_int
+from qeff_graph.cli.options import HelpFormatter, add, positive_int
 
 HELP = "export a Hugging Face causal LM to an unmodified ONNX graph with a dynamic KV cache"
 
@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help=HELP, description=HELP + ". Writes model.onnx, config, "
                        "tokenizer files and export.json into OUT_DIR (atomically); feed it to "
                        "`qeff-graph optimize` or `qeff-graph compile`.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL", help="local HF model dir, .gguf file or hub id")
     add(p, "-o", "--output-dir", default=None, metavar="OUT_DIR",
         help="directory to write (default: ./<model-slug>-onnx)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qeff_graph.cli.options import add, add_program_options, positive_int
+from qeff_graph.cli.options import HelpFormatter, add, add_program_options, positive_int
 
 HELP = "rewrite an exported ONNX causal LM into the retained-KV program directory"
 
@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "optimize", help=HELP, description=HELP + ". Writes model.onnx, specializations.json, "
         "custom_io.yaml and qeff_graph.json (manifest with the pass log) into OUT_DIR, atomically.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL.onnx", help="ONNX export with a dynamic KV cache "
                    "(past_key_values.* inputs, present.* outputs), from any exporter")
@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     add(p, "--dump-after", action="append", default=[], metavar="PASS",
         help="dump the graph (text, no weights) after this pass; repeatable")
     add(p, "--dump-dir", default=None, help="where dumps go (default: OUT_DIR.dumps)")
+    add(p, "--hardlink-data", action="store_true",
+        help="hard-link the source's external data into OUT_DIR instead of copying it (no copy "
+        "for huge models; ONNX Runtime loads it, but onnx.load/onnx.checker refuse hard links)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(run=run)
 
@@ -49,6 +52,7 @@ def run(args) -> int:
         batch_size=args.batch_size, kv_dtype=args.kv_dtype, full_batch_size=args.full_batch_size,
         passes=passes, verify=args.verify, dump_dir=dump_dir, dump_before=args.dump_before,
         dump_after=args.dump_after, progress=not args.quiet and sys.stderr.isatty(),
+        hardlink_data=args.hardlink_data,
     )
     if not args.quiet:
         m = program.manifest

@@ -68,6 +68,21 @@ class ExportResult:
     def out_dir(self) -> Path:
         return self.onnx_path.parent
 
+    @classmethod
+    def read(cls, out_dir: str | os.PathLike) -> "ExportResult":
+        """The result of an earlier export, from its ``export.json`` (and ``config.json``)."""
+        out_dir = Path(out_dir)
+        info = json.loads((out_dir / "export.json").read_text())
+        config = out_dir / "config.json"
+        return cls(
+            onnx_path=out_dir / ONNX_FILENAME,
+            config=json.loads(config.read_text()) if config.exists() else {},
+            tokenizer_saved=info["tokenizer_saved"], seconds=info["seconds"],
+            exporter=info["exporter"], opset=info["opset"], num_layers=info["num_layers"],
+            num_kv_heads=info["num_kv_heads"], head_dim=info["head_dim"],
+            vocab_size=info["vocab_size"], external_data=info["external_data"],
+            input_names=info["inputs"], output_names=info["outputs"], timings=info["timings"])
+
 
 def _log(progress: bool, msg: str) -> None:
     if progress:

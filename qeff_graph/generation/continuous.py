@@ -71,7 +71,7 @@ def generate_continuous(
         ids, pos, lens = pad_prompts([prompts[i]], 1, prompt_len)
         for c in range(ids.shape[1] // prompt_len):
             sl = slice(c * prompt_len, (c + 1) * prompt_len)
-            logits = session.run(ids[:, sl], pos[:, sl], np.array([[slot]]))
+            logits = session.run(ids[:, sl], pos[:, sl], np.array([[slot]]), phase="prefill")
         prefill_s += time.perf_counter() - t0
         ttft = ttft if ttft is not None else time.perf_counter() - start
         owner[slot], next_pos[slot] = i, lens[0]

@@ -62,7 +62,7 @@ def generate_ids(
         last = None
         for c in range(ids.shape[1] // prompt_len):
             sl = slice(c * prompt_len, (c + 1) * prompt_len)
-            logits = session.run(ids[:, sl], pos[:, sl], *_batch_index(session, batch))
+            logits = session.run(ids[:, sl], pos[:, sl], *_batch_index(session, batch), phase="prefill")
             has = (pos[:, sl] >= 0).any(axis=1)
             last = logits[:, 0].copy() if last is None else np.where(has[:, None], logits[:, 0], last)
         prefill_s += time.perf_counter() - t0

@@ -4,9 +4,12 @@
   exists and is large enough; the weights themselves stay on disk (onnx_ir memory-maps them
   lazily when, and only when, something asks for their values).
 * :func:`save` is atomic: it writes into a temporary directory beside the target and renames.
-  Weights that already live in external data files are *linked* (hard link, else copied) into
-  the new directory under the same relative name and offsets, so rewriting a 13 GB model
-  writes only the small graph. New tensors go inline, or into ``<name>.data`` when they add up
+  Weights that already live in external data files are cloned into the new directory under
+  the same relative name and offsets: a copy-on-write reflink where the filesystem has them,
+  else a copy that keeps holes (sparse files stay sparse). ``hardlink=True`` hard-links them
+  instead, so rewriting a 13 GB model writes only the small graph — but ``onnx.load`` and
+  ``onnx.checker`` refuse hard-linked data files ("potential hardlink attack"); ONNX Runtime
+  and onnx_ir accept them. New tensors go inline, or into ``<name>.data`` when they add up
   to more than 64 MiB.
 """
 
@@ -149,41 +152,81 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+_FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, xfs, ...)
+
+
+def clone_file(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst``: a reflink if the filesystem can, else a hole-preserving copy."""
+    import fcntl
+
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            return
+        except OSError:
+            pass
+        size = os.fstat(fin.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            os.lseek(fin.fileno(), start, os.SEEK_SET)
+            os.lseek(fout.fileno(), start, os.SEEK_SET)
+            left = end - start
+            while left > 0:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30))
+                if n == 0:
+                    break
+                left -= n
+            offset = end
+        fout.truncate(size)
+
+
+def _place(src: str, dst: str, hardlink: bool) -> None:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError as exc:
-        logger.warning("cannot hard-link %s into %s (%s): copying %.1f MiB; put the output on the "
-                       "same filesystem as the model to avoid this", src, os.path.dirname(dst),
-                       exc.strerror, os.path.getsize(src) / 2**20)
-        shutil.copyfile(src, dst)
+    if hardlink:
+        try:
+            os.link(src, dst)
+            return
+        except OSError as exc:
+            logger.warning("cannot hard-link %s into %s (%s): copying %.1f MiB; put the output on "
+                           "the same filesystem as the model to avoid this", src,
+                           os.path.dirname(dst), exc.strerror, os.path.getsize(src) / 2**20)
+    clone_file(src, dst)
 
 
-def write_model_files(model: ir.Model, directory: str | os.PathLike, filename: str = "model.onnx") -> Path:
+def write_model_files(model: ir.Model, directory: str | os.PathLike, filename: str = "model.onnx",
+                      *, hardlink: bool = False) -> Path:
     """Write ``model`` into ``directory`` (not atomic; use inside :func:`atomic_dir`).
 
-    External tensors keep their file name and offsets; their files are linked into
-    ``directory``. In-memory tensors are serialized inline unless they add up to more than
+    External tensors keep their file name and offsets; their files are cloned (or, with
+    ``hardlink``, hard-linked) into ``directory``. In-memory tensors are serialized inline unless they add up to more than
     :data:`INLINE_LIMIT_BYTES`, in which case those above 1 KiB go to ``<filename>.data``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     onnx_path = directory / filename
 
+    compact = _mostly_unused_files(model)
     linked: set[str] = set()
     for tensor in _external_tensors(model):
         src = os.path.join(tensor.base_dir, tensor.location)
         dst = str(directory / tensor.location)
+        if src in compact:
+            continue
         if dst not in linked and os.path.abspath(src) != os.path.abspath(dst):
-            _link_or_copy(src, dst)
+            _place(src, dst, hardlink)
         linked.add(dst)
 
     inline = [
         v
         for g in model.graphs()
         for v in g.initializers.values()
-        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+        if v.const_value is not None and (not isinstance(v.const_value, ir.ExternalTensor)
+                                          or _file_of(v.const_value) in compact)
     ]
     inline_total = sum(v.const_value.nbytes for v in inline)
     restore: list[tuple[ir.Value, ir.TensorProtocol]] = []
@@ -193,12 +236,29 @@ def write_model_files(model: ir.Model, directory: str | os.PathLike, filename: s
             if str(directory / data_name) in linked:
                 data_name = f"{filename}.extra.data"
             restore = _externalize(inline, directory, data_name)
+        for value in inline:  # left inline: weights from a compacted file are read in
+            if isinstance(value.const_value, ir.ExternalTensor) and _file_of(value.const_value) in compact:
+                restore.append((value, value.const_value))
+                value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
         proto = ir.to_proto(model)
         onnx.save_model(proto, onnx_path)
     finally:
         for value, tensor in restore:
             value.const_value = tensor
     return onnx_path
+
+
+def _file_of(tensor: ir.ExternalTensor) -> str:
+    return os.path.join(tensor.base_dir, tensor.location)
+
+
+def _mostly_unused_files(model: ir.Model) -> set[str]:
+    """External data files of which the model still uses less than half (e.g. after weight
+    quantization replaced most tensors): their used tensors are rewritten, not the whole file."""
+    used: dict[str, int] = {}
+    for tensor in _external_tensors(model):
+        used[_file_of(tensor)] = used.get(_file_of(tensor), 0) + tensor.nbytes
+    return {f for f, n in used.items() if os.path.exists(f) and 2 * n < os.path.getsize(f)}
 
 
 def _externalize(values: list[ir.Value], directory: Path, data_name: str) -> list[tuple[ir.Value, ir.TensorProtocol]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from qeff_graph import __version__, cache
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput", "generate_text"]
+__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput", "encode_prompt", "generate_text"]
 
 
 @dataclasses.dataclass
@@ -48,6 +48,8 @@ class QEFFAutoModelForCausalLM:
         self.onnx_path: Path | None = None
         self.program_path: Path | None = None
         self.compile_options: dict = {}
+        self.backend = "ort"
+        self.threads: int | None = None  # ORT intra-op threads (compile's num_cores on ort)
         name = f"{source}/{gguf_file}" if gguf_file else source
         self.slug = cache.model_slug(gguf_file.removesuffix(".gguf") if gguf_file else source)
         self.identity = {"model": os.path.abspath(name) if os.path.exists(source) else name,
@@ -82,17 +84,48 @@ class QEFFAutoModelForCausalLM:
         return onnx_path
 
     def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1,
-                full_batch_size: int | None = None, kv_dtype: str = "float32",
-                backend: str = "ort", progress: bool = True, **_ignored) -> Path:
-        """Optimize the export into a program directory for ``backend`` (cached)."""
-        if backend != "ort":
-            raise QeffGraphError(f"backend {backend!r} is not available here; use --backend ort")
+                full_batch_size: int | None = None, num_cores: int = 16, mxfp6_matmul: bool = False,
+                mxint8_kv_cache: bool = False, backend: str = "ort", *, kv_dtype: str = "float32",
+                device_group: list[int] | None = None, mos: int | None = None,
+                aic_enable_depth_first: bool = False, aic_hw_version: str = "2.0",
+                weight_bits: int | None = None, progress: bool = True) -> Path:
+        """Optimize the export into a program directory for ``backend`` (cached).
+
+        ``ort``: ``mxfp6_matmul`` lowers the MatMul weights to 8-bit blocks (``matmul-nbits``,
+        ``weight_bits`` picks 4 or 8); ``mxint8_kv_cache`` stores the KV cache in float16 (ONNX
+        Runtime has no MXINT8 tensors; see :mod:`qeff_graph.backends.ort.options`);
+        ``num_cores`` caps the CPU threads; one device only.
+        ``qaic``: writes ``compile.sh`` for ``qaic-exec`` with these options and runs it when
+        the Cloud AI 100 SDK is installed.
+        """
+        if backend not in ("ort", "qaic"):
+            raise QeffGraphError(f"unknown backend {backend!r}; use ort or qaic")
+        if num_cores < 1:
+            raise QeffGraphError(f"num_cores must be >= 1, got {num_cores}")
+        from qeff_graph.backends.ort.options import ort_program_options
         from qeff_graph.program import copy_side_files, optimize
 
-        onnx_path = self.onnx_path or self.export(progress)
         options = dict(prompt_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size,
                        full_batch_size=full_batch_size, kv_dtype=kv_dtype)
-        digest = cache.options_hash(**self.identity, backend=backend, **options)
+        qaic = {}
+        if backend == "ort":
+            if mos is not None or aic_enable_depth_first:
+                raise QeffGraphError("mos and aic_enable_depth_first only apply to backend='qaic'")
+            if device_group and len(device_group) > 1:
+                raise QeffGraphError(f"--device-group {','.join(map(str, device_group))}: ONNX Runtime "
+                                     "runs on one CPU here; multi-device partitioning needs --backend qaic")
+            lowered, notes = ort_program_options(mxfp6=mxfp6_matmul, mxint8=mxint8_kv_cache,
+                                                 weight_bits=weight_bits, kv_dtype=kv_dtype)
+            options.update(lowered)
+            for note in notes if progress else ():
+                _say(f"compile: {note}")
+            self.threads = min(num_cores, len(os.sched_getaffinity(0)))
+        else:
+            qaic = dict(num_cores=num_cores, mxfp6=mxfp6_matmul, mxint8=mxint8_kv_cache, mos=mos,
+                        aic_enable_depth_first=aic_enable_depth_first, device_group=device_group,
+                        hw_version=aic_hw_version)
+        onnx_path = self.onnx_path or self.export(progress)
+        digest = cache.options_hash(**self.identity, backend=backend, **options, **qaic)
         target = cache.program_dir(self.slug, backend, digest, self.cache_dir)
         if (target / "qeff_graph.json").exists() and not self.force:
             if progress:
@@ -102,8 +135,16 @@ class QEFFAutoModelForCausalLM:
                 _say(f"compile: optimizing for {backend} …")
             optimize(onnx_path, target, **options)
             copy_side_files(onnx_path.parent, target)  # tokenizer next to the program
+            if qaic:
+                from qeff_graph.backends.qaic import compile_qaic
+
+                result = compile_qaic(target, **qaic)
+                if progress:
+                    _say(f"compile: qaic-exec {'ran' if result.executed else 'not found'}; "
+                         f"the command is in {result.script}")
         self.program_path = target
         self.compile_options = options
+        self.backend = backend
         return target
 
     def tokenizer(self):
@@ -115,17 +156,30 @@ class QEFFAutoModelForCausalLM:
         return AutoTokenizer.from_pretrained(base)
 
     def generate(self, tokenizer=None, prompts: list[str] | str = (), generation_len: int | None = None,
-                 stream: bool = False, threads: int | None = None) -> GenerateOutput:
-        """Greedy generation for ``prompts`` with the compiled program (ONNX Runtime)."""
+                 stream: bool = False, threads: int | None = None, chat_template: bool = False,
+                 write_io_dir: str | os.PathLike | None = None) -> GenerateOutput:
+        """Greedy generation for ``prompts`` with the compiled program (ONNX Runtime).
+
+        ``chat_template`` wraps each prompt as a user turn with the tokenizer's chat template
+        (instruct models); ``write_io_dir`` saves the first prefill/decode step's IO as raw files.
+        """
         if self.program_path is None:
             self.compile()
+        if self.backend != "ort":
+            script = self.program_path / "compile.sh"
+            raise QeffGraphError(f"the program in {self.program_path} is compiled for {self.backend}; "
+                                 f"qeff-graph runs ort programs (qaic: run {script} and use the SDK's "
+                                 "runtime), or compile with backend='ort'")
         return generate_text(self.program_path, self.compile_options, tokenizer or self.tokenizer(),
-                             prompts, generation_len=generation_len, stream=stream, threads=threads)
+                             prompts, generation_len=generation_len, stream=stream,
+                             threads=threads or self.threads, chat_template=chat_template,
+                             write_io_dir=write_io_dir)
 
 
 def generate_text(program_path, options: dict, tokenizer, prompts: list[str] | str,
                   generation_len: int | None = None, stream: bool = False,
-                  threads: int | None = None) -> GenerateOutput:
+                  threads: int | None = None, chat_template: bool = False,
+                  write_io_dir: str | os.PathLike | None = None) -> GenerateOutput:
     """Tokenize ``prompts``, run a program with ``options`` (its manifest's), decode the text.
 
     Uses continuous batching when the program was built with ``full_batch_size``.
@@ -136,10 +190,10 @@ def generate_text(program_path, options: dict, tokenizer, prompts: list[str] | s
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise QeffGraphError("no prompt given; pass --prompt or --prompts-txt-file-path")
-    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    ids = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
     rows = options.get("full_batch_size") or options["batch_size"]
     session = RetainedStateSession(program_path, batch_size=rows, ctx_len=options["ctx_len"],
-                                   threads=threads)
+                                   threads=threads, write_io_dir=write_io_dir)
     on_tokens = None
     if stream:
         def on_tokens(i, toks):
@@ -151,3 +205,15 @@ def generate_text(program_path, options: dict, tokenizer, prompts: list[str] | s
         print()
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in result.generated_ids]
     return GenerateOutput(prompts, texts, result.generated_ids, result.stop_reasons, result.perf)
+
+
+def encode_prompt(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
+    """Token ids of ``prompt``; with ``chat_template``, as one user turn plus the generation prompt."""
+    if not chat_template:
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise QeffGraphError("this tokenizer has no chat template; drop --chat-template (base "
+                             "models take plain prompts)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

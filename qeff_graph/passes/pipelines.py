@@ -4,7 +4,8 @@
 retained-state contract of DESIGN.md::
 
     past-shape → position-mask → kv-retention → last-token-logits
-        → custom-rmsnorm → [fp16-clamp when the cache is float16] → cleanup
+        → custom-rmsnorm → [fp16-clamp when the cache is float16]
+        → [matmul-nbits with weight_bits] → cleanup
 """
 
 from __future__ import annotations
@@ -21,15 +22,20 @@ PIPELINES: dict[str, list[str]] = {
         "last-token-logits",
         "custom-rmsnorm",
         "fp16-clamp",
+        "matmul-nbits",
         "cleanup",
     ],
 }
 
 
-def pipeline_names(name: str = "retained-kv", *, kv_dtype: str = "float32") -> list[str]:
+def pipeline_names(name: str = "retained-kv", *, kv_dtype: str = "float32",
+                   weight_bits: int | None = None) -> list[str]:
+    """The passes of pipeline ``name``; the optional ones only when their option asks for them."""
     names = list(PIPELINES[name])
     if kv_dtype != "float16" and "fp16-clamp" in names:
         names.remove("fp16-clamp")
+    if weight_bits is None and "matmul-nbits" in names:
+        names.remove("matmul-nbits")
     return names
 
 

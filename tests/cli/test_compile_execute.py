@@ -167,8 +167,112 @@ def test_compile_batch_size_zero(tmp_path, capsys):
 
 
 def test_compile_qaic_only_option_with_ort(tmp_path, capsys):
-    err = fail_one_line(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--mxint8"])
+    err = fail_one_line(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--mos", "2"])
     assert "--backend qaic" in err
+    err = fail_one_line(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "p"), "--device-group", "0,1"])
+    assert "--device-group only apply to --backend qaic" in err
+    assert not (tmp_path / "p").exists()
+
+
+def _first_logits(prog: Path, ids: list[int]):
+    from qeff_graph.backends.ort import RetainedStateSession
+    from qeff_graph.generation import generate_ids
+
+    m = json.loads((prog / "qeff_graph.json").read_text())["options"]
+    session = RetainedStateSession(prog, batch_size=m["batch_size"], ctx_len=m["ctx_len"])
+    result = generate_ids(session, [ids], prompt_len=m["prompt_len"], generation_len=4, return_logits=True)
+    return result.generated_ids[0], result.logits[0]
+
+
+def test_compile_ort_mxfp6_quantizes_matmul_weights(ort_program, tiny_export, tmp_path, capsys):
+    import numpy as np
+    import onnx
+
+    _, prog = ort_program
+    _, onnx_dir = tiny_export
+    q8, q4 = tmp_path / "q8", tmp_path / "q4"
+    assert main(["compile", str(prog), "-o", str(q8), "--mxfp6"]) == 0
+    assert "re-optimized" in capsys.readouterr().out
+    assert main(["compile", str(onnx_dir / "model.onnx"), "-o", str(q4), "--weight-bits", "4",
+                 "--batch-size", "2", "--prompt-len", "4", "--ctx-len", "32", "-q"]) == 0
+    for path, bits in ((q8, 8), (q4, 4)):
+        m = json.loads((path / "qeff_graph.json").read_text())
+        assert m["options"]["weight_bits"] == bits
+        assert [e["pass"] for e in m["pipeline"]][-2:] == ["matmul-nbits", "cleanup"]
+        graph = onnx.load(str(path / "model.onnx"))  # loads: data files are not hard links
+        ops = [n.op_type for n in graph.graph.node]
+        # 2 layers x 7 projections + the LM head; only the attention's Q·K and P·V stay MatMul
+        assert ops.count("MatMulNBits") == 15 and ops.count("MatMul") == 4, ops.count("MatMul")
+        assert {n.attribute[0].name for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    ids = [5, 17, 42, 99, 7, 3]
+    tokens, ref = _first_logits(prog, ids)
+    for path, tol in ((q8, 0.02), (q4, 0.2)):
+        got_tokens, got = _first_logits(path, ids)
+        scale = float(np.abs(ref[0]).max())
+        assert float(np.abs(got[0] - ref[0]).max()) < tol * scale
+    assert _first_logits(q8, ids)[0][0] == tokens[0]
+
+
+def test_compile_ort_mxint8_is_a_float16_cache(ort_program, tmp_path, capsys):
+    _, prog = ort_program
+    out = tmp_path / "kv16"
+    assert main(["compile", str(prog), "-o", str(out), "--mxint8"]) == 0
+    assert "float16" in capsys.readouterr().err
+    m = json.loads((out / "qeff_graph.json").read_text())
+    assert m["options"]["kv_dtype"] == "float16"
+    assert {e["Precision"] for e in yaml.safe_load((out / "custom_io.yaml").read_text())} == {"float16"}
+    tokens, _ = _first_logits(prog, [5, 17, 42, 99])
+    assert _first_logits(out, [5, 17, 42, 99])[0] == tokens
+
+
+def test_execute_write_io_dir(ort_program, tmp_path, capsys):
+    import numpy as np
+
+    _, prog = ort_program
+    io_dir = tmp_path / "io"
+    assert main(["execute", "--qpc-path", str(prog), "--prompt", "|".join(PROMPTS), "--generation-len",
+                 "3", "--write-io-dir", str(io_dir)]) == 0
+    capsys.readouterr()
+    index = json.loads((io_dir / "aic_batch_io.json").read_text())["IO-files"]
+    assert [sorted(s["map-to"] for s in step) for step in index] == [["input_ids", "logits", "position_ids"]] * 2
+    prefill, decode = ({s["map-to"]: s for s in step} for step in index)
+    assert prefill["input_ids"]["path"] == "prefill/input_ids.raw"
+    assert prefill["input_ids"]["dims"] == [2, 4] and decode["input_ids"]["dims"] == [2, 1]
+    assert prefill["logits"]["io-direction"] == "out" and prefill["logits"]["dims"] == [2, 1, 512]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prog)
+    ids = np.fromfile(io_dir / "prefill" / "input_ids.raw", dtype=np.int64).reshape(2, 4)
+    assert ids[1].tolist() == tok(PROMPTS[1])["input_ids"][:4]
+    pos = np.fromfile(io_dir / "prefill" / "position_ids.raw", dtype=np.int64).reshape(2, 4)
+    assert pos[0].tolist() == [0, 1, 2, -1] and pos[1].tolist() == [0, 1, 2, 3]
+    assert (io_dir / "decode" / "logits.raw").stat().st_size == 2 * 512 * 4
+
+
+def test_execute_chat_template(ort_program, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from qeff_graph.models.causal_lm import encode_prompt
+
+    hf, prog = ort_program
+    err = fail_one_line(capsys, ["execute", "--qpc-path", str(prog), "--prompt", "hi", "--chat-template"])
+    assert "no chat template" in err
+    chat = tmp_path / "chat"
+    import shutil
+
+    shutil.copytree(prog, chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}the {{ m['content'] }} </s> {% endfor %}"
+                               "{% if add_generation_prompt %}cat{% endif %}")
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+    out_json = tmp_path / "out.json"
+    assert main(["execute", "--qpc-path", str(chat), "--prompt", "my name is", "--chat-template",
+                 "--generation-len", "4", "--output-json", str(out_json)]) == 0
+    tok = AutoTokenizer.from_pretrained(chat)
+    ids = encode_prompt(tok, "my name is", chat_template=True)
+    assert tok.decode(ids).split() == ["the", "my", "name", "is", "</s>", "cat"]
+    tokens, _ = _first_logits(prog, ids)
+    assert json.loads(out_json.read_text())["generated_ids"][0] == tokens
 
 
 def test_compile_program_dir_reuse_and_reoptimize(tmp_path, capsys):

@@ -4,62 +4,73 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
+import re
+from pathlib import Path
 
 import pytest
 
-from qeff_graph import cache
 from qeff_graph.cli import main
-from qeff_graph.models import QEFFAutoModelForCausalLM
+from tests.helpers import README_PROMPT, qeff_home, run_cli
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture()
-def seeded_cache(smollm2_export, tmp_path):
-    """A cache root that already holds the session's SmolLM2 export (hard links)."""
-    model = QEFFAutoModelForCausalLM.from_pretrained(cache_dir=tmp_path)
-    target = cache.export_dir(model.slug, cache.options_hash(**model.identity), tmp_path)
-    shutil.copytree(smollm2_export[2].out_dir, target, copy_function=os.link)
-    return tmp_path
+def test_fresh_cache_infer_prints_hf_greedy_text(smollm2_infer, smollm2_export, smollm2_hf):
+    """The README's first command, run from an empty QEFF_HOME (export + optimize + run)."""
+    from transformers import AutoTokenizer
+
+    run = smollm2_infer
+    assert "export: reusing" not in run.stderr and "[qeff-graph] exported" in run.stderr
+    assert "compile: optimizing" in run.stderr
+    tok = AutoTokenizer.from_pretrained(smollm2_export[2].out_dir)
+    (prompt,), (text,), (ids,) = run.result["prompts"], run.result["generated_texts"], run.result["generated_ids"]
+    assert prompt == README_PROMPT
+    expected, _ = smollm2_hf(tok(prompt)["input_ids"], 32, tok.eos_token_id)
+    assert ids == expected
+    assert text == tok.decode(expected, skip_special_tokens=True) and "Paris" in text
+    assert f"=== prompt: {prompt!r}\n{text}" in run.stdout
+    assert "TTFT:" in run.stdout and "tok/s" in run.stdout and "E2E:" in run.stdout
+    assert set(run.result) >= {"prompts", "generated_texts", "generated_ids", "perf"}
 
 
-def test_infer_default_model_matches_hf(seeded_cache, smollm2_export, tmp_path, capsys):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_second_run_reuses_the_cache(smollm2_infer):
+    first = smollm2_infer
+    with qeff_home(first.home):
+        rc, seconds, stdout, stderr = run_cli(first.argv)
+    assert rc == 0
+    assert "export: reusing" in stderr and "compile: reusing" in stderr
+    assert "[qeff-graph] exported" not in stderr and "compile: optimizing" not in stderr
+    print(f"infer from an empty cache: {first.seconds:.1f} s; second run (cache reused): {seconds:.1f} s "
+          f"({first.seconds / seconds:.0f}x)")
+    assert seconds < first.seconds / 3
+    assert stdout.split("TTFT:")[0] == first.stdout.split("TTFT:")[0]  # same text
+
+
+PROMPTS = ["The capital of France is", "Hi",
+           "Once upon a time, in a land far away, there lived a",  # 13 tokens > prompt_len 8
+           "def fibonacci(n):"]
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_four_prompts_batched_equal_hf_solo_runs(smollm2_infer, smollm2_export, smollm2_hf,
+                                                  batch_size, tmp_path):
+    from transformers import AutoTokenizer
 
     out_json = tmp_path / "out.json"
-    argv = ["infer", "--prompt", "The capital of France is|My name is", "--generation-len", "32",
-            "--cache_dir", str(seeded_cache), "--batch-size", "2", "--prompt-len", "4",
-            "--output-json", str(out_json)]
-    start = time.perf_counter()
-    assert main(argv) == 0
-    first = time.perf_counter() - start
-    captured = capsys.readouterr()
-    assert "export: reusing" in captured.err and "compile: optimizing" in captured.err
+    argv = ["infer", "--prompt", "|".join(PROMPTS), "--generation_len", "16", "--batch_size",
+            str(batch_size), "--prompt_len", "8", "--ctx_len", "64", "--output-json", str(out_json)]
+    with qeff_home(smollm2_infer.home):
+        rc, _, stdout, stderr = run_cli(argv)
+    assert rc == 0, stderr
+    assert "export: reusing" in stderr
     result = json.loads(out_json.read_text())
-    assert set(result) >= {"prompts", "generated_texts", "generated_ids", "perf"}
-
-    directory, gguf, export = smollm2_export
-    tok = AutoTokenizer.from_pretrained(export.out_dir)
-    hf = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=torch.float32).eval()
-    for prompt, text, ids in zip(result["prompts"], result["generated_texts"], result["generated_ids"]):
-        enc = tok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            ref = hf.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.eos_token_id)
-        expected = ref[0, enc["input_ids"].shape[1]:].tolist()
-        assert ids == expected
-        assert f"=== prompt: {prompt!r}\n{text}" in captured.out
-    assert "Paris" in result["generated_texts"][0]
-    assert "TTFT:" in captured.out and "tok/s" in captured.out
-
-    start = time.perf_counter()
-    assert main(argv) == 0
-    second = time.perf_counter() - start
-    assert "compile: reusing" in capsys.readouterr().err
-    print(f"infer: first (optimize + run) {first:.2f} s, second (cached) {second:.2f} s")
-    assert json.loads(out_json.read_text())["generated_ids"] == result["generated_ids"]
+    tok = AutoTokenizer.from_pretrained(smollm2_export[2].out_dir)
+    lengths = [len(tok(p)["input_ids"]) for p in PROMPTS]
+    assert len(set(lengths)) == 4 and max(lengths) > 8
+    for prompt, ids in zip(PROMPTS, result["generated_ids"]):
+        expected, _ = smollm2_hf(tok(prompt)["input_ids"], 16, tok.eos_token_id)
+        assert ids == expected, (prompt, tok.decode(ids), tok.decode(expected))
+        assert f"=== prompt: {prompt!r}" in stdout
 
 
 def test_infer_errors(tmp_path, capsys, monkeypatch):
@@ -70,3 +81,77 @@ def test_infer_errors(tmp_path, capsys, monkeypatch):
     assert sum(line.startswith("error") for line in err) == 1 and "Traceback" not in "".join(err)
     assert main(["infer", "--batch-size", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_chat_template_prompt_equals_hf(smollm2_infer, smollm2_export, smollm2_hf, tmp_path):
+    """--chat-template: the prompt becomes a user turn of SmolLM2-Instruct's template (from the GGUF)."""
+    from transformers import AutoTokenizer
+
+    out_json = tmp_path / "out.json"
+    with qeff_home(smollm2_infer.home):
+        rc, _, stdout, stderr = run_cli(["infer", "--prompt", "What is the capital of France?",
+                                         "--chat-template", "--generation-len", "12",
+                                         "--output-json", str(out_json)])
+    assert rc == 0, stderr
+    tok = AutoTokenizer.from_pretrained(smollm2_export[2].out_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert "<|im_start|>assistant" in tok.decode(ids)
+    expected, _ = smollm2_hf(list(ids), 12, tok.eos_token_id)
+    result = json.loads(out_json.read_text())
+    assert result["generated_ids"][0] == expected and "Paris" in result["generated_texts"][0]
+
+
+def test_mxfp6_num_cores_and_write_io_dir(smollm2_infer, tmp_path):
+    """--mxfp6 on ort: 8-bit MatMulNBits weights (LM head included); decode speed side by side."""
+    import onnx
+
+    io_dir = tmp_path / "io"
+    fp32_json, q_json = tmp_path / "fp32.json", tmp_path / "q.json"
+    common = ["infer", "--prompt", README_PROMPT, "--generation-len", "32", "--prompt-len", "8",
+              "--num-cores", "2"]
+    with qeff_home(smollm2_infer.home):
+        rc, _, _, stderr = run_cli([*common, "--output-json", str(fp32_json)])
+        assert rc == 0, stderr
+        rc, _, stdout, stderr = run_cli([*common, "--mxfp6", "--output-json", str(q_json),
+                                         "--write-io-dir", str(io_dir)])
+    assert rc == 0, stderr
+    assert "8-bit blocks of 32" in stderr
+    programs = [p for p in smollm2_infer.home.glob("*/qpc/ort-*")
+                if json.loads((p / "qeff_graph.json").read_text())["options"].get("weight_bits") == 8]
+    assert len(programs) == 1
+    graph = onnx.load(str(programs[0] / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 30 * 7 + 1  # every projection and the tied LM head
+    data = sum(f.stat().st_size for f in programs[0].glob("*.data"))
+    assert data < 0.5 * 538e6, data  # int8 weights + the fp32 embedding, not a copy of the fp32 file
+    fp32, q = json.loads(fp32_json.read_text()), json.loads(q_json.read_text())
+    assert q["generated_texts"][0].startswith(" Paris")
+    print(f"SmolLM2 decode tok/s, 2 threads: fp32 {fp32['perf']['decode_tok_s']}, "
+          f"mxfp6→int8 {q['perf']['decode_tok_s']}; data {data / 1e6:.0f} MB")
+    index = json.loads((io_dir / "aic_batch_io.json").read_text())["IO-files"]
+    assert len(index) == 2 and (io_dir / "decode" / "logits.raw").stat().st_size == 49152 * 4
+
+
+def test_backend_qaic_without_sdk_says_where_the_command_is(smollm2_infer, tmp_path, monkeypatch):
+    import qeff_graph.backends.qaic.command as command
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin") + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr(command, "find_qaic_exec", lambda: None)
+    with qeff_home(smollm2_infer.home):
+        rc, _, _, stderr = run_cli(["infer", "--prompt", "hi", "--backend", "qaic", "--mxfp6", "--mxint8",
+                                    "--num-cores", "14", "--device-group", "0,1"])
+    assert rc == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "compile.sh" in last and "backend='ort'" not in last
+    script = Path(re.search(r"is in (\S+compile\.sh)", last).group(1))
+    assert script.is_file()
+    text = script.read_text()
+    assert "-mxfp6-matmul" in text and "-mxint8" in text and "-aic-num-cores=14" in text
+    assert (script.parent / "mdp.json").is_file()
+
+
+def test_device_group_of_two_on_ort_is_an_error(capsys):
+    assert main(["infer", "--prompt", "hi", "--device-group", "0,1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "--backend qaic" in err[-1]

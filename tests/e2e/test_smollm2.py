@@ -20,9 +20,8 @@ PROMPTS = ["The capital of France is", "My name is", "def fibonacci(n):\n    ",
            "Once upon a time, in a land far away, there lived a"]
 
 
-def test_optimize_fast_and_32_tokens_equal_hf(smollm2_export, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_optimize_fast_and_32_tokens_equal_hf(smollm2_export, smollm2_hf, tmp_path):
+    from transformers import AutoTokenizer
 
     directory, gguf, export = smollm2_export
     onnx_path = export.onnx_path
@@ -38,16 +37,11 @@ def test_optimize_fast_and_32_tokens_equal_hf(smollm2_export, tmp_path):
     session = RetainedStateSession(program.path, batch_size=4, ctx_len=128)
     result = generate_ids(session, ids, prompt_len=8, generation_len=32,
                           eos_token_id=tokenizer.eos_token_id, return_logits=True)
-    hf = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=torch.float32).eval()
     for i, prompt in enumerate(ids):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True,
-                              pad_token_id=tokenizer.eos_token_id)
-        expected = ref.sequences[0, len(prompt):].tolist()
+        expected, logits = smollm2_hf(prompt, 32, tokenizer.eos_token_id)
         assert result.generated_ids[i] == expected, (PROMPTS[i], tokenizer.decode(result.generated_ids[i]),
                                                       tokenizer.decode(expected))
-        diff = max(float(np.abs(a - b[0].numpy()).max()) for a, b in zip(result.logits[i], ref.logits))
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(result.logits[i], logits))
         assert diff < 1e-4, diff
     assert sum(len(g) for g in result.generated_ids) >= 64
     assert "Paris" in tokenizer.decode(result.generated_ids[0])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from qeff_graph.backends.ort.io_files import IOFileWriter
 from qeff_graph.errors import QeffGraphError
 
 __all__ = ["RetainedStateSession"]
@@ -31,10 +32,12 @@ class RetainedStateSession:
         batch_size: rows of the cache (``full_batch_size`` with continuous batching).
         ctx_len: cache length.
         threads: intra-op threads (default: all cores).
+        write_io_dir: if set, the first prefill and decode steps' IO are written there as raw
+            files (:class:`~qeff_graph.backends.ort.io_files.IOFileWriter`).
     """
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int, ctx_len: int,
-                 threads: int | None = None):
+                 threads: int | None = None, write_io_dir: str | os.PathLike | None = None):
         path = Path(model)
         if path.is_dir():
             path = path / "model.onnx"
@@ -61,6 +64,7 @@ class RetainedStateSession:
             raise QeffGraphError(f"{path} has no past_key.{{i}} inputs; run `qeff-graph optimize` on it first")
         self.continuous_batching = "batch_index" in self.input_names
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.io_writer = IOFileWriter(write_io_dir) if write_io_dir else None
         self.reset()
 
     def reset(self) -> None:
@@ -68,8 +72,11 @@ class RetainedStateSession:
         self.cache = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.cache_specs.items()}
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray,
-            batch_index: np.ndarray | None = None) -> np.ndarray:
-        """One step; returns logits ``[batch, 1, vocab]`` and keeps the updated cache."""
+            batch_index: np.ndarray | None = None, phase: str = "decode") -> np.ndarray:
+        """One step; returns logits ``[batch, 1, vocab]`` and keeps the updated cache.
+
+        ``phase`` (``"prefill"`` or ``"decode"``) only names the step for ``write_io_dir``.
+        """
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
         if self.continuous_batching:
@@ -79,6 +86,8 @@ class RetainedStateSession:
         feeds.update(self.cache)
         outputs = self.session.run(self.output_names, feeds)
         result = dict(zip(self.output_names, outputs))
+        if self.io_writer is not None and self.io_writer.wants(phase):
+            self.io_writer.record(phase, feeds, result)
         for name in self.cache:
             self.cache[name] = result[f"{name}_RetainedState"]
         return result["logits"]
