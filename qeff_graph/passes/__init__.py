@@ -11,6 +11,7 @@ from qeff_graph.passes.fp16_clamp import FP16Clamp
 from qeff_graph.passes.kv_retention import KVRetention
 from qeff_graph.passes.last_token_logits import LastTokenLogits
 from qeff_graph.passes.manager import PassManager
+from qeff_graph.passes.matmul_nbits import MatMulNBits
 from qeff_graph.passes.past_shape import PastShape
 from qeff_graph.passes.pipelines import PIPELINES, build_pipeline, pipeline_names
 from qeff_graph.passes.position_mask import PositionMask
@@ -22,6 +23,7 @@ __all__ = [
     "FP16Clamp",
     "KVRetention",
     "LastTokenLogits",
+    "MatMulNBits",
     "PassManager",
     "PastShape",
     "PositionMask",
