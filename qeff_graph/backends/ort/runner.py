@@ -4,6 +4,11 @@
 ``past_value.{i}`` as ``[batch, kv_heads, ctx_len, head_dim]`` zeros and, after every
 :meth:`run`, binds each ``*_RetainedState`` output back as the next input, so callers only
 feed ``input_ids`` and ``position_ids`` (and ``batch_index`` with continuous batching).
+
+With ``io_binding`` (the default) the cache lives in two sets of preallocated ``OrtValue``
+buffers bound with ONNX Runtime's IO binding: a step reads one set and writes the
+``*_RetainedState`` outputs straight into the other, then they swap — no per-step allocation
+and no numpy round trip of the cache. ``io_binding=False`` feeds numpy arrays instead.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ class RetainedStateSession:
         threads: intra-op threads (default: all cores).
         write_io_dir: if set, the first prefill and decode steps' IO are written there as raw
             files (:class:`~qeff_graph.backends.ort.io_files.IOFileWriter`).
+        io_binding: keep the cache in bound OrtValue buffers (default) instead of numpy feeds.
     """
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int, ctx_len: int,
-                 threads: int | None = None, write_io_dir: str | os.PathLike | None = None):
+                 threads: int | None = None, write_io_dir: str | os.PathLike | None = None,
+                 io_binding: bool = True):
         path = Path(model)
         if path.is_dir():
             path = path / "model.onnx"
@@ -65,11 +72,22 @@ class RetainedStateSession:
         self.continuous_batching = "batch_index" in self.input_names
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.io_writer = IOFileWriter(write_io_dir) if write_io_dir else None
+        self.io_binding = io_binding
         self.reset()
 
     def reset(self) -> None:
         """Zero the KV cache."""
         self.cache = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.cache_specs.items()}
+        if self.io_binding:
+            self._bound = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.cache.items()}
+            self._spare = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros_like(a)) for n, a in self.cache.items()}
+            self.cache = None  # lives in the bound buffers; see cache_arrays()
+
+    def cache_arrays(self) -> dict[str, np.ndarray]:
+        """The current KV cache as numpy arrays (views of the bound buffers with io_binding)."""
+        if not self.io_binding:
+            return dict(self.cache)
+        return {n: v.numpy() for n, v in self._bound.items()}
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray,
             batch_index: np.ndarray | None = None, phase: str = "decode") -> np.ndarray:
@@ -83,6 +101,11 @@ class RetainedStateSession:
             if batch_index is None:
                 raise QeffGraphError("this program uses continuous batching: pass batch_index")
             feeds["batch_index"] = np.ascontiguousarray(batch_index, dtype=np.int64).reshape(-1, 1)
+        if self.io_binding:
+            logits = self._run_bound(feeds)
+            if self.io_writer is not None and self.io_writer.wants(phase):
+                self.io_writer.record(phase, feeds, {"logits": logits})
+            return logits
         feeds.update(self.cache)
         outputs = self.session.run(self.output_names, feeds)
         result = dict(zip(self.output_names, outputs))
@@ -91,3 +114,16 @@ class RetainedStateSession:
         for name in self.cache:
             self.cache[name] = result[f"{name}_RetainedState"]
         return result["logits"]
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        io = self.session.io_binding()
+        io.bind_output("logits", "cpu")
+        for name, array in feeds.items():
+            io.bind_cpu_input(name, array)
+        for name, value in self._bound.items():
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(f"{name}_RetainedState", self._spare[name])
+        self.session.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy().copy()  # detach from the binding's buffer
+        self._bound, self._spare = self._spare, self._bound
+        return logits

@@ -1,0 +1,75 @@
+"""``qeff-graph bench``: decode/prefill speed of program variants, side by side in one run."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+from qeff_graph.cli.options import HelpFormatter, add, positive_int
+
+HELP = "measure prefill and decode speed of program variants side by side (table + plot)"
+
+
+def _ints(text: str) -> list[int]:
+    import argparse
+
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 1,4")
+    return values
+
+
+def add_parser(sub) -> None:
+    from qeff_graph.bench import VARIANTS
+
+    p = sub.add_parser("bench", help=HELP, formatter_class=HelpFormatter, description=HELP + ". "
+                       "Each variant is compiled once (cached like `infer`); runs are interleaved "
+                       "round-robin and each number is the median over --repeats. Variants: "
+                       "fp32 (retained-KV program, IO binding), numpy (numpy feeds, no IO binding), "
+                       "kv-fp16 (float16 KV cache), int8 (--mxfp6: 8-bit MatMulNBits), int4.")
+    add(p, "--model-name", "-m", default=None,
+        help="hub id, local HF dir or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    add(p, "--gguf-file", default=None, help="GGUF file name inside the model dir")
+    add(p, "--cache-dir", default=None, help="cache root (default: $QEFF_HOME, ...)")
+    add(p, "--variants", default="fp32,numpy,kv-fp16,int8,int4",
+        help=f"comma-separated, the first is the reference for ratios ({', '.join(VARIANTS)})")
+    add(p, "--batch-sizes", type=_ints, default=[1, 4], metavar="1,4", help="batch sizes (default: 1,4)")
+    add(p, "--prompt-len", type=positive_int, default=32, help="prefill chunk length")
+    add(p, "--ctx-len", type=positive_int, default=256, help="KV cache length")
+    add(p, "--prompt-tokens", type=positive_int, default=64, help="prompt length of every row")
+    add(p, "--generation-len", type=positive_int, default=64, help="tokens generated per row")
+    add(p, "--repeats", type=positive_int, default=3, help="rounds over all variants")
+    add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
+    add(p, "-o", "--output-dir", default="bench-out", help="where bench.json and bench.png go")
+    add(p, "--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from qeff_graph.bench import format_table, run_bench, save_plot, write_results
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows = run_bench(args.model_name, gguf_file=args.gguf_file, variants=variants,
+                     batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
+                     prompt_tokens=args.prompt_tokens, generation_len=args.generation_len,
+                     repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir,
+                     progress=True)
+    model = args.model_name or "SmolLM2-135M-Instruct (embedded)"
+    machine = f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
+    meta = {"model": model, "machine": machine, "prompt_len": args.prompt_len, "ctx_len": args.ctx_len,
+            "prompt_tokens": args.prompt_tokens, "generation_len": args.generation_len,
+            "repeats": args.repeats}
+    print(f"{model} | {machine} | prompt {args.prompt_tokens} tokens, {args.generation_len} generated, "
+          f"ctx_len {args.ctx_len}, median of {args.repeats}")
+    print(format_table(rows))
+    out = write_results(rows, args.output_dir, meta)
+    print(f"wrote {out}")
+    if not args.no_plot:
+        plot = save_plot(rows, Path(args.output_dir) / "bench.png",
+                         f"{model}: decode speed ({machine}, ctx_len {args.ctx_len})")
+        print(f"wrote {plot}")
+    return 0
