@@ -5,7 +5,15 @@ Nothing here reads weight bytes.
 
 from qeff_graph.ir.analysis import KVCache, KVLayer, ModelIO, find_io, find_kv_cache
 from qeff_graph.ir.build import Builder
-from qeff_graph.ir.io import atomic_dir, external_files, load, save, weight_bytes, write_model_files
+from qeff_graph.ir.io import (
+    atomic_dir,
+    external_files,
+    load,
+    read_tensor,
+    save,
+    weight_bytes,
+    write_model_files,
+)
 
 __all__ = [
     "Builder",
@@ -20,4 +28,5 @@ __all__ = [
     "save",
     "weight_bytes",
     "write_model_files",
+    "read_tensor",
 ]

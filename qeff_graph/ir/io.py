@@ -23,12 +23,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["load", "save", "atomic_dir", "write_model_files", "weight_bytes", "external_files"]
+__all__ = ["load", "save", "atomic_dir", "write_model_files", "weight_bytes", "external_files", "read_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,25 @@ def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
                 yield value.const_value
+
+
+def read_tensor(tensor: ir.TensorProtocol) -> np.ndarray:
+    """``tensor.numpy()``, with a one-line fix when its external data file is hard-linked.
+
+    onnx and onnx_ir refuse to read external data from a file with several hard links (a guard
+    against hard-link attacks), which is what ``--hardlink-data`` outputs and their sources are.
+    """
+    try:
+        return tensor.numpy()
+    except ValueError as exc:
+        if not isinstance(tensor, ir.ExternalTensor) or "hard link" not in str(exc):
+            raise
+        path = os.path.join(tensor.base_dir, tensor.location)
+        raise QeffGraphError(
+            f"cannot read weight {tensor.name!r}: its data file {path} has "
+            f"{os.stat(path).st_nlink} hard links, which onnx/onnx_ir refuse to read; make it a "
+            f"plain copy (cp {path} {path}.tmp && mv {path}.tmp {path}) and retry"
+        ) from None
 
 
 def external_files(model: ir.Model) -> list[str]:
@@ -239,7 +259,7 @@ def write_model_files(model: ir.Model, directory: str | os.PathLike, filename: s
         for value in inline:  # left inline: weights from a compacted file are read in
             if isinstance(value.const_value, ir.ExternalTensor) and _file_of(value.const_value) in compact:
                 restore.append((value, value.const_value))
-                value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+                value.const_value = ir.Tensor(read_tensor(value.const_value), name=value.name)
         proto = ir.to_proto(model)
         onnx.save_model(proto, onnx_path)
     finally:
@@ -272,7 +292,7 @@ def _externalize(values: list[ir.Value], directory: Path, data_name: str) -> lis
             pad = (-offset) % 64
             f.write(b"\0" * pad)
             offset += pad
-            data = tensor.tobytes()
+            data = read_tensor(tensor).tobytes() if isinstance(tensor, ir.ExternalTensor) else tensor.tobytes()
             f.write(data)
             ext = ir.ExternalTensor(
                 data_name,

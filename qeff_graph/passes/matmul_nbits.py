@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from qeff_graph.errors import QeffGraphError
 from qeff_graph.ir.build import Builder
+from qeff_graph.ir.io import read_tensor
 from qeff_graph.passes.registry import register
 
 __all__ = ["MatMulNBits", "quantize_blockwise"]
@@ -147,7 +148,7 @@ class MatMulNBits(ir.passes.InPlacePass):
 
     def _quantize(self, graph: ir.Graph, weight: ir.Value, transposed: bool):
         tensor = _const_2d(weight)
-        array = tensor.numpy()
+        array = read_tensor(tensor)
         packed, scales = quantize_blockwise(array if transposed else array.T, self.bits,
                                             self.block_size)
         base = weight.name or "weight"

@@ -154,3 +154,26 @@ def test_layout_matches_ort_quantizer():
         assert inits[f"w_Q{bits}"].shape == (N, 2, 32 * bits // 8)
         deq = dequantize(inits[f"w_Q{bits}"], inits["w_scales"], bits, 40)
         assert np.abs(deq - w).max() < (0.5 if bits == 4 else 0.03)
+
+
+def test_external_weights_copied_data_and_hard_link_error(tmp_path):
+    """Weights in external data are read; a hard-linked data file gets a one-line fix."""
+    import os
+
+    from qeff_graph import ir as qir
+
+    proto = _linear(64)
+    onnx.save(proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    model = qir.load(tmp_path / "m.onnx")
+    assert MatMulNBits(weight_bits=8)(model).modified
+    out = qir.save(model, tmp_path / "q")  # the float weight is gone: its file is not copied
+    assert not (tmp_path / "q" / "m.data").exists()
+    x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
+    ref = run(_linear(64), {"x": x})["y"]  # (onnx.save externalized proto in place)
+    got = run(onnx.load(str(out)), {"x": x})["y"]
+    assert _rel(got, ref) < 0.02
+
+    os.link(tmp_path / "m.data", tmp_path / "m.data.link")
+    with pytest.raises(QeffGraphError, match="hard links, which onnx/onnx_ir refuse"):
+        MatMulNBits()(qir.load(tmp_path / "m.onnx"))
