@@ -358,3 +358,35 @@ def test_execute_refuses_qaic_program(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     err = fail_one_line(capsys, ["execute", "--qpc-path", str(out), "--prompt", "hi"])
     assert "--backend qaic" in err
+
+
+def test_python_api_export_compile_generate(tiny_export, tmp_path):
+    """QEFFAutoModelForCausalLM: from_pretrained → export → compile → generate (cache reused)."""
+    from transformers import AutoTokenizer
+
+    from qeff_graph.errors import QeffGraphError
+    from qeff_graph.models import QEFFAutoModelForCausalLM
+
+    hf, _ = tiny_export
+    model = QEFFAutoModelForCausalLM.from_pretrained(str(hf), cache_dir=tmp_path, exporter="torchscript")
+    onnx_path = model.export()
+    assert onnx_path.is_file() and onnx_path.is_relative_to(tmp_path)
+    program = model.compile(prefill_seq_len=4, ctx_len=32, batch_size=2, num_cores=1)
+    assert (program / "qeff_graph.json").is_file() and model.threads == 1
+    out = model.generate(AutoTokenizer.from_pretrained(hf), PROMPTS, generation_len=5)
+    assert out.generated_ids == _hf_greedy(hf, PROMPTS, 5)
+    assert set(out.perf) >= {"ttft_s", "prefill_s", "decode_tok_s", "total_tok_s", "e2e_s"}
+    again = QEFFAutoModelForCausalLM.from_pretrained(str(hf), cache_dir=tmp_path, exporter="torchscript")
+    assert again.compile(prefill_seq_len=4, ctx_len=32, batch_size=2, num_cores=1) == program  # cached
+
+    with pytest.raises(QeffGraphError, match="only apply to backend='qaic'"):
+        model.compile(mos=2)
+    with pytest.raises(QeffGraphError, match="multi-device partitioning needs --backend qaic"):
+        model.compile(device_group=[0, 1])
+    import qeff_graph.backends.qaic.command as command
+
+    qaic = model.compile(prefill_seq_len=4, ctx_len=32, backend="qaic", mxint8_kv_cache=True)
+    assert (qaic / "compile.sh").is_file() and "-mxint8" in (qaic / "compile.sh").read_text()
+    if command.find_qaic_exec() is None:
+        with pytest.raises(QeffGraphError, match="compiled for qaic"):
+            model.generate(prompts=PROMPTS)
