@@ -100,6 +100,28 @@ def custom_io(model: ir.Model, kv_dtype: str) -> list[dict]:
     return [{"IOName": n, "Precision": precision} for n in names]
 
 
+def config_sliding_window(directory: str | os.PathLike, ctx_len: int) -> int | None:
+    """The sliding window of the HF ``config.json`` in ``directory`` if it is shorter than
+    ``ctx_len`` (a longer one never masks anything), else None.
+
+    Raises when only some layers slide (``layer_types``): one window for all layers would be wrong.
+    """
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    window = config.get("sliding_window")
+    if not isinstance(window, int) or window >= ctx_len or config.get("use_sliding_window") is False:
+        return None
+    kinds = set(config.get("layer_types") or ["sliding_attention"])
+    if kinds != {"sliding_attention"}:
+        raise QeffGraphError(f"{path}: only some layers use a sliding window ({window}) and it is "
+                             f"shorter than ctx_len {ctx_len}; mixed sliding/full attention is not "
+                             f"supported yet: use --ctx-len <= {window}")
+    return window
+
+
 def _io_contract(model: ir.Model) -> dict:
     def describe(v: ir.Value) -> dict:
         shape = [d if isinstance(d, int) else str(d) for d in v.shape.dims] if v.shape is not None else None
@@ -135,12 +157,15 @@ def optimize(
     extra_manifest: dict | None = None,
     hardlink_data: bool = False,
     weight_bits: int | None = None,
+    sliding_window: int | str | None = "auto",
 ) -> Program:
     """Rewrite a dynamic-KV ONNX export into a retained-state program directory.
 
     ``passes`` overrides the default ``retained-kv`` pipeline by registered names.
     ``weight_bits`` (4 or 8) adds ``matmul-nbits``: weight-only block-quantized MatMuls for
-    ONNX Runtime (what ``--mxfp6`` maps to on the ort backend). The source's
+    ONNX Runtime (what ``--mxfp6`` maps to on the ort backend). ``sliding_window`` (tokens)
+    windows the position mask; ``"auto"`` reads it from a ``config.json`` beside the model and
+    applies it only when it is shorter than ``ctx_len``. The source's
     external data files are cloned (reflink or hole-preserving copy); ``hardlink_data`` hard-links
     them instead (no copy; ONNX Runtime loads them, but ``onnx.load`` refuses hard-linked data). Every
     problem with the input raises :class:`QeffGraphError` before anything is written.
@@ -160,6 +185,10 @@ def optimize(
                    kv_dtype=kv_dtype, continuous_batching=bool(full_batch_size))
     if weight_bits is not None:
         options["weight_bits"] = weight_bits
+    if sliding_window == "auto":
+        sliding_window = config_sliding_window(onnx_file.parent, ctx_len)
+    if sliding_window is not None:
+        options["sliding_window"] = int(sliding_window)
     manager = PassManager(build_pipeline(names, **options), verify=verify,
                           dump_dir=dump_dir, dump_before=dump_before, dump_after=dump_after,
                           progress=progress)
@@ -173,7 +202,7 @@ def optimize(
                    "kv_form": "retained" if kv.retained else "dynamic"},
         "options": {"ctx_len": ctx_len, "prompt_len": prompt_len, "batch_size": batch_size,
                     "kv_dtype": kv_dtype, "full_batch_size": full_batch_size,
-                    "weight_bits": weight_bits},
+                    "weight_bits": weight_bits, "sliding_window": options.get("sliding_window")},
         "kv_cache": layout,
         "io": _io_contract(graph),
         "pipeline": manager.log,

@@ -10,7 +10,9 @@ chunked prefill), so the mask is *replaced* where it meets the scores:
 * ONNX ``Attention`` ops: ``attn_mask`` becomes the boolean ``visible`` and ``is_causal=0``,
 
 with ``visible[b, 0, i, j] = j <= position_ids[b, i]`` of shape ``[batch, 1, seq_len,
-ctx_len]`` (``ctx_len`` read off the cache input). A padding token has position ``-1``: it sees
+ctx_len]`` (``ctx_len`` read off the cache input); with ``sliding_window=W`` also
+``j > position_ids[b, i] - W`` (each query sees its last W positions, as Mistral-style sliding
+attention does; the cache keeps every position, so this needs ``ctx_len`` slots, no ring). A padding token has position ``-1``: it sees
 nothing (its output is ignored), and every other consumer of ``position_ids`` (rotary tables,
 learned position embeddings) reads ``max(position_ids, 0)`` so a pad never indexes out of
 range. ``attention_mask`` is removed from the inputs; any use that survives (rare: e.g. its
@@ -65,9 +67,16 @@ class PositionMask(ir.passes.InPlacePass):
     Expects: a graph with a KV cache and a ``position_ids`` input ``[batch, seq_len]``;
     attention is either decomposed (``Softmax`` over scores computed from the key cache) or
     ONNX ``Attention`` ops.
-    Guarantees: every attention site uses the position-derived mask; ``attention_mask`` is no
-    longer an input; consumers other than the mask read ``max(position_ids, 0)``.
+    Guarantees: every attention site uses the position-derived mask (windowed when
+    ``sliding_window`` is set: every layer slides); ``attention_mask`` is no longer an input;
+    consumers other than the mask read ``max(position_ids, 0)``.
     """
+
+    def __init__(self, sliding_window: int | None = None):
+        super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise UnsupportedGraphError(f"sliding_window must be >= 1, got {sliding_window}")
+        self.sliding_window = sliding_window
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -105,7 +114,12 @@ class PositionMask(ir.passes.InPlacePass):
         slots = b.op("Range", b.const(0, "int64"), ctx, b.const(1, "int64"))
         slots = b.op("Reshape", slots, b.i64(1, 1, 1, -1))
         query_pos = b.op("Unsqueeze", pos, b.i64(1, 3))
-        visible = b.op("LessOrEqual", slots, query_pos, name="qeff_visible_mask")  # [B,1,S,ctx]
+        if self.sliding_window:
+            causal = b.op("LessOrEqual", slots, query_pos)
+            start = b.op("Sub", query_pos, b.const(np.array(self.sliding_window, dtype=np.int64)))
+            visible = b.op("And", causal, b.op("Greater", slots, start), name="qeff_visible_mask")
+        else:
+            visible = b.op("LessOrEqual", slots, query_pos, name="qeff_visible_mask")  # [B,1,S,ctx]
 
         masked = None
         for node in softmaxes:
@@ -146,4 +160,6 @@ class PositionMask(ir.passes.InPlacePass):
             "attention_masks": len(attentions),
             "attention_mask_removed": int(removed_mask),
         }
+        if self.sliding_window:
+            self.stats["sliding_window"] = self.sliding_window
         return ir.passes.PassResult(model, modified=True)

@@ -74,3 +74,56 @@ def test_continuous_batching_token_exact(arch, exports, hf_reference, tmp_path):
     for i in range(len(batch)):
         assert result.generated_ids[i] == until_eos(expected[i]), i
     assert result.perf["full_batch_size"] == 2
+
+
+@pytest.mark.parametrize("exporter", ["dynamo18", "torchscript17"])
+def test_sliding_window_shorter_than_ctx_len(exporter, tmp_path):
+    """Mistral with sliding_window=4 (< ctx_len 64): the window comes from config.json."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qeff_graph.export import export_causal_lm
+    from tests.helpers import tiny_config
+
+    config = tiny_config("mistral")
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "hf")
+    kind, opset = EXPORTERS[exporter]
+    onnx_path = export_causal_lm(str(tmp_path / "hf"), tmp_path / "onnx", exporter=kind, opset=opset,
+                                 progress=False).onnx_path
+    program = qg.optimize(onnx_path, tmp_path / "p", ctx_len=64, prompt_len=PROMPT_LEN, batch_size=4)
+    assert program.manifest["options"]["sliding_window"] == 4
+    batch = prompts()
+    session = RetainedStateSession(program.path, batch_size=4, ctx_len=64)
+    result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS,
+                          return_logits=True)
+    full = qg.optimize(onnx_path, tmp_path / "full", ctx_len=64, prompt_len=PROMPT_LEN, batch_size=4,
+                       sliding_window=None)
+    unwindowed = generate_ids(RetainedStateSession(full.path, batch_size=4, ctx_len=64), batch,
+                              prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS)
+    assert unwindowed.generated_ids != result.generated_ids  # the window really matters here
+    for i, prompt in enumerate(batch):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+        assert result.generated_ids[i] == ref.sequences[0, len(prompt):].tolist(), i
+        diff = max(float(np.abs(a - b[0].numpy()).max()) for a, b in zip(result.logits[i], ref.logits))
+        assert diff < 1e-4, (i, diff)
+
+
+def test_mixed_sliding_layers_are_refused(tmp_path):
+    import json
+
+    from qeff_graph.errors import QeffGraphError
+    from qeff_graph.program import config_sliding_window
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}))
+    with pytest.raises(QeffGraphError, match="mixed sliding/full attention"):
+        config_sliding_window(tmp_path, 64)
+    assert config_sliding_window(tmp_path, 8) is None  # window >= ctx_len: nothing to mask
+    (tmp_path / "config.json").write_text(json.dumps({"sliding_window": 8, "use_sliding_window": False}))
+    assert config_sliding_window(tmp_path, 64) is None

@@ -49,6 +49,21 @@ def test_mask_from_positions():
     assert out["pos_emb"].tolist() == [[20.0, 30.0], [0.0, 0.0]]
 
 
+def test_sliding_window_mask():
+    model = to_ir(_probs_graph())
+    KVRetention()(model)
+    PositionMask(sliding_window=2)(model)
+    ctx = 8
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, H, ctx, D)).astype(np.float32)
+    pos = np.array([[4, 5]])
+    probs = run(model, {"input_ids": rng.integers(0, V, (1, 2)), "position_ids": pos,
+                        "past_key.0": k, "past_value.0": k})["probs"]
+    for s, p in enumerate(pos[0]):  # sees exactly positions p-1 and p
+        assert np.all(probs[0, :, s, p - 1: p + 1] > 0.0)
+        assert np.all(probs[0, :, s, : p - 1] == 0.0) and np.all(probs[0, :, s, p + 1:] == 0.0)
+
+
 def test_attention_op_gets_bool_mask():
     """ONNX Attention (opset 23): attn_mask replaced, is_causal cleared."""
     S, T = "seq", "total"
