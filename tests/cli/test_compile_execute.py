@@ -390,3 +390,28 @@ def test_python_api_export_compile_generate(tiny_export, tmp_path):
     if command.find_qaic_exec() is None:
         with pytest.raises(QeffGraphError, match="compiled for qaic"):
             model.generate(prompts=PROMPTS)
+
+
+def test_compile_qaic_runs_qaic_exec_when_present(tmp_path, capsys, monkeypatch):
+    """With an SDK on PATH (a stand-in qaic-exec recording its argv), the command is run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "qaic-exec"
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'argv.txt'}\n"
+                    "for a in \"$@\"; do case $a in -aic-binary-dir=*) mkdir -p \"${a#*=}\";; esac; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "qaic"
+    assert main(["compile", str(LLAMA), "-o", str(out), "--backend", "qaic", "--ctx-len", "32",
+                 "--prompt-len", "8", "--num-cores", "4"]) == 0
+    assert capsys.readouterr().out.startswith(f"compiled {out} with {fake}")
+    argv = (tmp_path / "argv.txt").read_text().split()
+    p = out.resolve()
+    assert argv[0] == "-aic-hw" and f"-m={p}/model.onnx" in argv and "-aic-num-cores=4" in argv
+    assert (p / "qpc").is_dir()
+    assert json.loads((out / "qeff_graph.json").read_text())["backend"]["executed"] is True
+
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    err = fail_one_line(capsys, ["compile", str(LLAMA), "-o", str(tmp_path / "bad"), "--backend", "qaic",
+                                 "--ctx-len", "32", "--prompt-len", "8"])
+    assert "qaic-exec failed with exit code 3" in err
