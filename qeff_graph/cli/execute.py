@@ -51,26 +51,10 @@ def _same_model(a: str, b: str) -> bool:
     return model_slug(a).lower() == model_slug(b).lower() or _norm(a) == _norm(b)
 
 
-def _load_tokenizer(directory: Path):
-    from qeff_graph.errors import QeffGraphError
-
-    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                   "tokenizer.model", "vocab.json")):
-        raise QeffGraphError(f"{directory} has no tokenizer files; compile it from an export that "
-                             "has a tokenizer (qeff-graph export saves one) or copy them there")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
-    except Exception as exc:  # noqa: BLE001 - a broken tokenizer is a user problem
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise QeffGraphError(f"cannot load the tokenizer in {directory}: {first}") from None
-
-
 def run(args) -> int:
     from qeff_graph.cli.infer import print_output, read_prompts
     from qeff_graph.errors import QeffGraphError
-    from qeff_graph.models.causal_lm import generate_text
+    from qeff_graph.models.causal_lm import generate_text, load_tokenizer
     from qeff_graph.program import read_manifest
 
     qpc = Path(args.qpc_path)
@@ -85,7 +69,7 @@ def run(args) -> int:
     if args.model_name and compiled_from and not _same_model(args.model_name, compiled_from):
         raise QeffGraphError(f"qpc dir {qpc} was compiled from {compiled_from}, not {args.model_name}")
     prompts = read_prompts(args.prompt, args.prompts_txt_file_path)
-    tokenizer = _load_tokenizer(qpc)
+    tokenizer = load_tokenizer(qpc)
     opts = manifest["options"]
     out = generate_text(qpc, opts, tokenizer, prompts, generation_len=args.generation_len,
                         stream=args.stream, threads=args.threads, chat_template=args.chat_template,

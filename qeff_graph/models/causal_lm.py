@@ -15,7 +15,11 @@ from pathlib import Path
 from qeff_graph import __version__, cache
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput", "encode_prompt", "generate_text"]
+__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput", "encode_prompt", "generate_text", "load_tokenizer"]
+
+# tokenizer classes that are the `tokenizers` backend itself: loaded without AutoTokenizer,
+# whose import chain pulls in torch (~2 s of a cached `infer`)
+_PLAIN_FAST = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
 @dataclasses.dataclass
@@ -148,12 +152,10 @@ class QEFFAutoModelForCausalLM:
         return target
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
         base = self.program_path or (self.onnx_path.parent if self.onnx_path else None)
         if base is None or not (base / "tokenizer_config.json").exists():
             raise QeffGraphError("this model has no tokenizer files; pass prompts as token ids")
-        return AutoTokenizer.from_pretrained(base)
+        return load_tokenizer(base)
 
     def generate(self, tokenizer=None, prompts: list[str] | str = (), generation_len: int | None = None,
                  stream: bool = False, threads: int | None = None, chat_template: bool = False,
@@ -217,3 +219,29 @@ def encode_prompt(tokenizer, prompt: str, chat_template: bool = False) -> list[i
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The tokenizer saved in ``directory`` (an export or program dir); one-line errors."""
+    import json
+
+    directory = Path(directory)
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                   "tokenizer.model", "vocab.json")):
+        raise QeffGraphError(f"{directory} has no tokenizer files; compile it from an export that "
+                             "has a tokenizer (qeff-graph export saves one) or copy them there")
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    try:
+        if config.get("tokenizer_class") in _PLAIN_FAST and (directory / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(directory))
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer is a user problem
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QeffGraphError(f"cannot load the tokenizer in {directory}: {first}") from None
