@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     add_program_options(p)
     add(p, "--full-batch-size", type=positive_int, default=None,
         help="continuous batching: cache rows; adds the batch_index input")
+    add(p, "--weight-bits", type=int, choices=[4, 8], default=None,
+        help="add matmul-nbits: weight-only 4/8-bit MatMulNBits for ONNX Runtime (what --mxfp6 "
+        "means on the ort backend)")
     add(p, "--passes", default=None, metavar="a,b,c",
         help="comma-separated registered pass names replacing the default pipeline "
         "(see `qeff-graph passes`)")
@@ -52,7 +55,7 @@ def run(args) -> int:
         batch_size=args.batch_size, kv_dtype=args.kv_dtype, full_batch_size=args.full_batch_size,
         passes=passes, verify=args.verify, dump_dir=dump_dir, dump_before=args.dump_before,
         dump_after=args.dump_after, progress=not args.quiet and sys.stderr.isatty(),
-        hardlink_data=args.hardlink_data,
+        hardlink_data=args.hardlink_data, weight_bits=args.weight_bits,
     )
     if not args.quiet:
         m = program.manifest

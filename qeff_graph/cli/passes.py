@@ -25,5 +25,5 @@ def run(args) -> int:
             print("\n".join("    " + line for line in body.splitlines()[1:]).rstrip() + "\n")
     for pipeline, names in PIPELINES.items():
         print(f"\npipeline {pipeline}: " + " -> ".join(names) +
-              " (fp16-clamp only with --kv-dtype float16)")
+              " (fp16-clamp only with --kv-dtype float16; matmul-nbits only with --mxfp6 / --weight-bits)")
     return 0

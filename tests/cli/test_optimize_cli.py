@@ -57,6 +57,17 @@ def test_custom_passes_and_dumps(tmp_path, capsys):
     assert "ScatterND" in Path(f"{out}.dumps/after-kv-retention.onnx.txt").read_text()
 
 
+def test_optimize_weight_bits_adds_matmul_nbits(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["optimize", str(LLAMA), "-o", str(out), "--ctx-len", "32", "--prompt-len", "8",
+                 "--weight-bits", "4"]) == 0
+    assert "matmul-nbits" in capsys.readouterr().out
+    manifest = json.loads((out / "qeff_graph.json").read_text())
+    assert manifest["options"]["weight_bits"] == 4
+    nbits = [e for e in manifest["pipeline"] if e["pass"] == "matmul-nbits"][0]
+    assert nbits["stats"]["quantized"] == 15 and nbits["stats"]["bytes_after"] < nbits["stats"]["bytes_before"] / 4
+
+
 def test_passes_lists_every_pass(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
