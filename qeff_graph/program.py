@@ -30,7 +30,7 @@ import yaml
 from qeff_graph import __version__
 from qeff_graph import ir as qir
 from qeff_graph.errors import QeffGraphError
-from qeff_graph.passes import PassManager, build_pipeline, pipeline_names, registry
+from qeff_graph.passes import PassManager, build_pipeline, pipeline_names
 from qeff_graph.passes.kv_retention import KV_DTYPES
 
 __all__ = [
@@ -174,13 +174,8 @@ def optimize(
     if weight_bits not in (None, 4, 8):
         raise QeffGraphError(f"--weight-bits must be 4 or 8, got {weight_bits}")
     names = list(passes) if passes else pipeline_names(kv_dtype=kv_dtype, weight_bits=weight_bits)
-    for name in names:
-        registry.get(name)  # unknown names fail before any work
     source = Path(model)
-    started = time.perf_counter()
-    graph = qir.load(source)
     onnx_file = source if source.suffix == ".onnx" else source / "model.onnx"
-    kv = qir.find_kv_cache(graph)  # says clearly when there is no KV cache
     options = dict(ctx_len=ctx_len, prompt_len=prompt_len, batch_size=batch_size,
                    kv_dtype=kv_dtype, continuous_batching=bool(full_batch_size))
     if weight_bits is not None:
@@ -189,9 +184,13 @@ def optimize(
         sliding_window = config_sliding_window(onnx_file.parent, ctx_len)
     if sliding_window is not None:
         options["sliding_window"] = int(sliding_window)
+    # unknown pass names and bad pass options fail here, before any work
     manager = PassManager(build_pipeline(names, **options), verify=verify,
                           dump_dir=dump_dir, dump_before=dump_before, dump_after=dump_after,
                           progress=progress)
+    started = time.perf_counter()
+    graph = qir.load(source)
+    kv = qir.find_kv_cache(graph)  # says clearly when there is no KV cache
     graph = manager(graph).model
     layout = qir.find_kv_cache(graph).summary()
     manifest = {

@@ -6,21 +6,9 @@ import platform
 import sys
 from pathlib import Path
 
-from qeff_graph.cli.options import HelpFormatter, add, positive_int
+from qeff_graph.cli.options import HelpFormatter, add, positive_int, positive_ints
 
 HELP = "measure prefill and decode speed of program variants side by side (table + plot)"
-
-
-def _ints(text: str) -> list[int]:
-    import argparse
-
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 1,4")
-    return values
 
 
 def add_parser(sub) -> None:
@@ -37,7 +25,7 @@ def add_parser(sub) -> None:
     add(p, "--cache-dir", default=None, help="cache root (default: $QEFF_HOME, ...)")
     add(p, "--variants", default="fp32,numpy,kv-fp16,int8,int4",
         help=f"comma-separated, the first is the reference for ratios ({', '.join(VARIANTS)})")
-    add(p, "--batch-sizes", type=_ints, default=[1, 4], metavar="1,4", help="batch sizes (default: 1,4)")
+    add(p, "--batch-sizes", type=positive_ints, default=[1, 4], metavar="1,4", help="batch sizes (default: 1,4)")
     add(p, "--prompt-len", type=positive_int, default=32, help="prefill chunk length")
     add(p, "--ctx-len", type=positive_int, default=256, help="KV cache length")
     add(p, "--prompt-tokens", type=positive_int, default=64, help="prompt length of every row")

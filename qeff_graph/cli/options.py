@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 __all__ = ["HelpFormatter", "add", "add_compression_options", "add_program_options", "add_qaic_options",
-           "device_group", "positive_int"]
+           "device_group", "positive_int", "positive_ints"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,15 +46,25 @@ def add_program_options(parser: argparse.ArgumentParser) -> None:
         help="precision of the KV cache IO")
 
 
+def _int_list(text: str, *, minimum: int, what: str, problem: str) -> list[int]:
+    """``0,1`` or ``[0,1]`` → ``[0, 1]``: distinct integers >= ``minimum``."""
+    try:
+        values = [int(s) for s in text.replace("[", "").replace("]", "").split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+    if not values or any(v < minimum for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return values
+
+
 def device_group(text: str) -> list[int]:
     """``0,1`` or ``[0,1]`` → ``[0, 1]`` (distinct ids >= 0)."""
-    try:
-        devices = [int(s) for s in text.replace("[", "").replace("]", "").split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of device ids") from None
-    if not devices or any(d < 0 for d in devices) or len(set(devices)) != len(devices):
-        raise argparse.ArgumentTypeError(f"{text!r}: give distinct device ids >= 0, e.g. 0,1")
-    return devices
+    return _int_list(text, minimum=0, what="device ids", problem="give distinct device ids >= 0, e.g. 0,1")
+
+
+def positive_ints(text: str) -> list[int]:
+    """``1,4`` → ``[1, 4]`` (distinct integers >= 1)."""
+    return _int_list(text, minimum=1, what="integers", problem="give distinct integers >= 1, e.g. 1,4")
 
 
 def add_compression_options(parser: argparse.ArgumentParser) -> None:

@@ -81,13 +81,7 @@ class RetainedStateSession:
         if self.io_binding:
             self._bound = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.cache.items()}
             self._spare = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros_like(a)) for n, a in self.cache.items()}
-            self.cache = None  # lives in the bound buffers; see cache_arrays()
-
-    def cache_arrays(self) -> dict[str, np.ndarray]:
-        """The current KV cache as numpy arrays (views of the bound buffers with io_binding)."""
-        if not self.io_binding:
-            return dict(self.cache)
-        return {n: v.numpy() for n, v in self._bound.items()}
+            self.cache = None  # lives in the bound buffers
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray,
             batch_index: np.ndarray | None = None, phase: str = "decode") -> np.ndarray:
@@ -103,17 +97,15 @@ class RetainedStateSession:
             feeds["batch_index"] = np.ascontiguousarray(batch_index, dtype=np.int64).reshape(-1, 1)
         if self.io_binding:
             logits = self._run_bound(feeds)
-            if self.io_writer is not None and self.io_writer.wants(phase):
-                self.io_writer.record(phase, feeds, {"logits": logits})
-            return logits
-        feeds.update(self.cache)
-        outputs = self.session.run(self.output_names, feeds)
-        result = dict(zip(self.output_names, outputs))
+        else:
+            outputs = self.session.run(self.output_names, {**feeds, **self.cache})
+            result = dict(zip(self.output_names, outputs))
+            for name in self.cache:
+                self.cache[name] = result[f"{name}_RetainedState"]
+            logits = result["logits"]
         if self.io_writer is not None and self.io_writer.wants(phase):
-            self.io_writer.record(phase, feeds, result)
-        for name in self.cache:
-            self.cache[name] = result[f"{name}_RetainedState"]
-        return result["logits"]
+            self.io_writer.record(phase, feeds, {"logits": logits})  # the cache stays out
+        return logits
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         io = self.session.io_binding()
