@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from qeff_graph import ir, passes  # noqa: E402
 from qeff_graph.errors import QeffGraphError  # noqa: E402
 from qeff_graph.passes import PassManager  # noqa: E402
-from qeff_graph.program import Program, inspect_model, optimize  # noqa: E402
+from qeff_graph.program import Program, ProgramSpec, build_program, inspect_model, optimize  # noqa: E402
 
-__all__ = ["PassManager", "Program", "QeffGraphError", "__version__", "inspect_model", "ir", "optimize", "passes"]
+__all__ = ["PassManager", "Program", "ProgramSpec", "QeffGraphError", "__version__", "build_program",
+           "inspect_model", "ir", "optimize", "passes"]

@@ -17,11 +17,11 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from qeff_graph import progress as _progress
 from qeff_graph.errors import QeffGraphError
 
 __all__ = ["VARIANTS", "BenchRow", "run_bench", "format_table", "save_plot"]
@@ -70,10 +70,7 @@ def run_bench(model_name: str | None = None, *, gguf_file: str | None = None,
               generation_len: int = 64, repeats: int = 3, threads: int | None = None,
               cache_dir=None, progress: bool = True) -> list[BenchRow]:
     """Compile every variant for every batch size, run them interleaved, return one row each."""
-    from qeff_graph.backends.ort import RetainedStateSession
     from qeff_graph.generation import generate_ids
-    from qeff_graph.models import QEFFAutoModelForCausalLM
-    from qeff_graph.program import read_manifest
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -81,47 +78,65 @@ def run_bench(model_name: str | None = None, *, gguf_file: str | None = None,
     if prompt_tokens + generation_len > ctx_len:
         raise QeffGraphError(f"--prompt-tokens + --generation-len ({prompt_tokens + generation_len}) "
                              f"exceed --ctx-len {ctx_len}; raise --ctx-len")
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    runs = []  # (variant, batch, session, prompts, weights_mb)
-    for batch in batch_sizes:
-        for variant in variants:
-            compile_options, session_options = VARIANTS[variant]
-            model = QEFFAutoModelForCausalLM.from_pretrained(model_name, gguf_file=gguf_file,
-                                                             cache_dir=cache_dir)
-            program = model.compile(prefill_seq_len=prompt_len, ctx_len=ctx_len, batch_size=batch,
-                                    progress=progress, **compile_options)
-            manifest = read_manifest(program)
-            weights = sum(f.stat().st_size for f in Path(program).glob("*.data")) or \
-                (Path(program) / "model.onnx").stat().st_size
-            session = RetainedStateSession(program, batch_size=batch, ctx_len=ctx_len,
-                                           threads=threads or model.threads, **session_options)
-            logits = next(o for o in manifest["io"]["outputs"] if o["name"] == "logits")
-            vocab = logits["shape"][-1] if logits["shape"] and isinstance(logits["shape"][-1], int) else 2
-            prompts = _prompts(model, batch, prompt_tokens, vocab)
-            generate_ids(session, prompts, prompt_len=prompt_len, generation_len=4)  # warm-up
-            runs.append((variant, batch, session, prompts, weights / 1e6))
-    samples: dict[tuple[str, int], list] = {(v, b): [] for v, b, *_ in runs}
+    rows: list[BenchRow] = []
     tokens: dict[tuple[str, int], list] = {}
-    for r in range(repeats):
-        say(f"bench: round {r + 1}/{repeats}")
-        for variant, batch, session, prompts, _ in runs:
-            result = generate_ids(session, prompts, prompt_len=prompt_len, generation_len=generation_len)
-            samples[(variant, batch)].append(result.perf)
-            tokens[(variant, batch)] = result.generated_ids
-    rows = []
-    for variant, batch, _, prompts, weights_mb in runs:
-        perfs = samples[(variant, batch)]
-        prefill = statistics.median(p["prefill_s"] for p in perfs)
-        rows.append(BenchRow(variant, batch, round(weights_mb, 1),
-                             round(batch * prompt_tokens / prefill, 1),
-                             round(statistics.median(p["decode_tok_s"] for p in perfs), 2),
-                             round(statistics.median(p["ttft_s"] for p in perfs), 4)))
+    with _progress.quiet(not progress):
+        for batch in batch_sizes:  # one batch size at a time: only its sessions are in memory
+            runs = _prepare(model_name, gguf_file, variants, batch, prompt_len, ctx_len, prompt_tokens,
+                            threads, cache_dir)
+            samples: dict[str, list] = {variant: [] for variant, *_ in runs}
+            for r in range(repeats):
+                _progress.say(f"bench: batch {batch}, round {r + 1}/{repeats}")
+                for variant, session, prompts, _ in runs:
+                    result = generate_ids(session, prompts, prompt_len=prompt_len, generation_len=generation_len)
+                    samples[variant].append(result.perf)
+                    tokens[(variant, batch)] = result.generated_ids
+            for variant, _, prompts, weights_mb in runs:
+                perfs = samples[variant]
+                prefill = statistics.median(p["prefill_s"] for p in perfs)
+                rows.append(BenchRow(variant, batch, round(weights_mb, 1),
+                                     round(batch * prompt_tokens / prefill, 1),
+                                     round(statistics.median(p["decode_tok_s"] for p in perfs), 2),
+                                     round(statistics.median(p["ttft_s"] for p in perfs), 4)))
+            del runs
     for row in rows:
         base = next(r for r in rows if r.batch_size == row.batch_size)
         row.decode_ratio = round(row.decode_tok_s / base.decode_tok_s, 2)
         row.agree = round(_agreement(tokens[(row.variant, row.batch_size)],
                                      tokens[(base.variant, base.batch_size)]), 3)
     return rows
+
+
+def _prepare(model_name, gguf_file, variants, batch, prompt_len, ctx_len, prompt_tokens, threads, cache_dir):
+    """``[(variant, session, prompts, weights MB)]`` for one batch size; variants built from the
+    same program (fp32 and numpy) share one ONNX Runtime session (and its weights in memory)."""
+    import onnxruntime as ort
+
+    from qeff_graph.backends.ort import RetainedStateSession
+    from qeff_graph.generation import generate_ids
+    from qeff_graph.models import QEFFAutoModelForCausalLM
+
+    runs, shared = [], {}
+    for variant in variants:
+        compile_options, session_options = VARIANTS[variant]
+        model = QEFFAutoModelForCausalLM.from_pretrained(model_name, gguf_file=gguf_file, cache_dir=cache_dir)
+        program = model.compile(prefill_seq_len=prompt_len, ctx_len=ctx_len, batch_size=batch, **compile_options)
+        weights = sum(f.stat().st_size for f in program.glob("*.data")) or (program / "model.onnx").stat().st_size
+        n = threads or model.spec.threads()
+        if (program, n) not in shared:
+            options = ort.SessionOptions()
+            if n:
+                options.intra_op_num_threads = n
+            options.log_severity_level = 3
+            shared[(program, n)] = ort.InferenceSession(str(program / "model.onnx"), options,
+                                                        providers=["CPUExecutionProvider"])
+        session = RetainedStateSession(program, batch_size=batch, ctx_len=ctx_len,
+                                       session=shared[(program, n)], **session_options)
+        vocab = model.program.manifest["io"]["outputs"][0]["shape"][-1]
+        prompts = _prompts(model, batch, prompt_tokens, vocab if isinstance(vocab, int) else 2)
+        generate_ids(session, prompts, prompt_len=prompt_len, generation_len=4)  # warm-up
+        runs.append((variant, session, prompts, weights / 1e6))
+    return runs
 
 
 def _agreement(got: list[list[int]], ref: list[list[int]]) -> float:
@@ -177,8 +192,9 @@ def save_plot(rows: list[BenchRow], path: str | os.PathLike, title: str) -> Path
 
 
 def write_results(rows: list[BenchRow], out_dir: str | os.PathLike, meta: dict) -> Path:
+    from qeff_graph.fs import write_atomic
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench.json"
-    path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
-    return path
+    return write_atomic(out / "bench.json",
+                        json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")

@@ -52,6 +52,30 @@ def make_tiny_hf(arch: str, directory: str | Path) -> Path:
     return directory
 
 
+def save_tiny_tokenizer(directory: str | Path, sentences: list[str], vocab_size: int = 512) -> None:
+    """A word-level tokenizer for a tiny model: the words of ``sentences`` first, then ``w<i>``
+    fillers, so that its vocab covers all ``vocab_size`` ids (``</s>`` is EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "</s>"]
+    for w in " ".join(sentences).split():
+        if w not in words:
+            words.append(w)
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="</s>").save_pretrained(directory)
+
+
+def make_tiny_llama_with_tokenizer(directory: str | Path, sentences: list[str]) -> Path:
+    """:func:`make_tiny_hf` ("llama") plus :func:`save_tiny_tokenizer` over ``sentences``."""
+    hf = make_tiny_hf("llama", directory)
+    save_tiny_tokenizer(hf, sentences)
+    return hf
+
+
 README_PROMPT = "The capital of France is"
 
 

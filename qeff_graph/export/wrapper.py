@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import DynamicCache
 
+from .loader import KVGeometry, kv_geometry
+
 __all__ = ["FlatCacheCausalLM", "KVGeometry", "kv_geometry", "io_names", "example_inputs"]
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-
-
-def kv_geometry(config) -> KVGeometry:
-    """Layers / kv heads / head_dim / vocab of a (text) config."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(cfg, "num_hidden_layers", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    hidden = getattr(cfg, "hidden_size", None)
-    if not layers or not heads:
-        raise ValueError(f"config {type(cfg).__name__} has no num_hidden_layers / "
-                         "num_attention_heads")
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    hd = getattr(cfg, "head_dim", None) or hidden // heads
-    return KVGeometry(int(layers), int(kv), int(hd), int(cfg.vocab_size))
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:

@@ -1,10 +1,19 @@
 """Greedy generation over a :class:`~qeff_graph.backends.ort.RetainedStateSession`.
 
-QEfficient's loop: each batch of prompts is right-padded to a multiple of ``prompt_len``
-(pads get ``position_id = -1``) and prefilled chunk by chunk; a row's first token comes from
-the chunk holding its last real token. Decode feeds one token per row at ``position =
-prompt_len_of_row + step``; a row stops at EOS, at ``generation_len`` tokens, or when its
-next position would be ``ctx_len`` (it then reads position -1 until the batch is done).
+QEfficient's loop. The cache has ``session.batch_size`` rows ("slots"); a scheduler fills idle
+slots with queued prompts:
+
+- regular batching: once every slot is idle, the cache is reset and the next ``batch_size``
+  prompts are prefilled together as one batch;
+- continuous batching (``session.continuous_batching``: the program has ``batch_index``,
+  compiled with ``full_batch_size``): an idle slot is refilled at once, its prompt prefilled
+  alone with ``batch_index=[[slot]]``; the cache is reset only at the start.
+
+Prefill right-pads prompts to a multiple of ``prompt_len`` (pads get ``position_id = -1``) and
+runs chunk by chunk; a row's first token comes from the chunk holding its last real token.
+Decode runs all slots together, one token per busy slot at ``position = prompt_len_of_row +
+step``, idle slots at position -1. A row stops at EOS, at ``generation_len`` tokens, or when
+its next position would be ``ctx_len``.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -38,65 +48,121 @@ def generate_ids(
     generation_len: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
+    on_finish: Callable[[int, str], None] | None = None,
     return_logits: bool = False,
 ) -> GenerationResult:
-    """Generate greedily for every prompt (token ids), ``session.batch_size`` rows at a time.
+    """Generate greedily for every prompt (token ids) through the ``session.batch_size`` slots.
 
-    ``on_tokens(prompt_index, new_token_ids)`` is called as tokens are produced (streaming).
+    Regular or continuous batching follows ``session.continuous_batching`` (module docstring).
+    ``on_tokens(prompt_index, new_token_ids)`` is called as tokens are produced (streaming);
+    ``on_finish(prompt_index, reason)`` once when a prompt stops (reason as in ``stop_reasons``).
+    ``return_logits`` keeps, per prompt, the float32 logits each generated token came from.
     """
-    ctx_len, batch = session.ctx_len, session.batch_size
-    check_prompts(prompts, ctx_len, prompt_len)
-    stop = StopRule.of(eos_token_id, generation_len, ctx_len)
-    out_ids: list[list[int]] = [[] for _ in prompts]
-    out_logits: list[list[np.ndarray]] | None = [[] for _ in prompts] if return_logits else None
-    reasons = [""] * len(prompts)
-    prefill_s = decode_s = 0.0
-    ttft = None
-    start = time.perf_counter()
-    decode_tokens = 0
-    for first in range(0, len(prompts), batch):
-        rows = list(range(first, min(first + batch, len(prompts))))
-        ids, pos, lens = pad_prompts([prompts[i] for i in rows], batch, prompt_len)
-        session.reset()
+    check_prompts(prompts, session.ctx_len, prompt_len)
+    loop = _Loop(session, prompts, prompt_len, StopRule.of(eos_token_id, generation_len, session.ctx_len),
+                 on_tokens, on_finish, return_logits)
+    return loop.run()
+
+
+class _Loop:
+    """The state of one :func:`generate_ids` call: slots, outputs and timings."""
+
+    def __init__(self, session, prompts: Sequence[Sequence[int]], prompt_len: int, stop: StopRule,
+                 on_tokens: Callable[[int, list[int]], None] | None,
+                 on_finish: Callable[[int, str], None] | None, return_logits: bool):
+        self.session, self.prompts, self.prompt_len, self.stop = session, prompts, prompt_len, stop
+        self.on_tokens, self.on_finish = on_tokens, on_finish
+        self.continuous = bool(getattr(session, "continuous_batching", False))
+        self.slots = session.batch_size
+        self.owner = [-1] * self.slots  # prompt index decoding in each slot, -1 when idle
+        self.next_pos = np.zeros(self.slots, dtype=np.int64)  # position of the token to feed next
+        self.feed = np.zeros(self.slots, dtype=np.int64)  # token to feed next, per slot
+        self.queue = deque(range(len(prompts)))
+        self.out_ids: list[list[int]] = [[] for _ in prompts]
+        self.out_logits: list[list[np.ndarray]] | None = [[] for _ in prompts] if return_logits else None
+        self.reasons = [""] * len(prompts)
+        self.prefill_s = self.decode_s = 0.0
+        self.decode_tokens = 0
+        self.ttft: float | None = None
+        self.start = 0.0
+
+    def run(self) -> GenerationResult:
+        """Refill and decode until the queue is empty and every slot is idle."""
+        self.start = time.perf_counter()
+        if self.continuous:
+            self.session.reset()
+        while self.queue or self.busy().any():
+            self.refill()
+            if self.busy().any():
+                self.decode()
+        perf = make_perf(self.prompts, self.out_ids, prefill_s=self.prefill_s, ttft=self.ttft,
+                         decode_s=self.decode_s, decode_tokens=self.decode_tokens,
+                         e2e=time.perf_counter() - self.start)
+        if self.continuous:
+            perf["full_batch_size"] = self.slots
+        return GenerationResult([list(p) for p in self.prompts], self.out_ids, self.reasons, perf,
+                                self.out_logits)
+
+    def busy(self) -> np.ndarray:
+        """Which slots hold a prompt that is still generating."""
+        return np.array([o >= 0 for o in self.owner])
+
+    def refill(self) -> None:
+        """Prefill queued prompts into idle slots, as the scheduling allows."""
+        if self.continuous:
+            for slot in range(self.slots):
+                while self.owner[slot] < 0 and self.queue:  # a prompt may stop at its first token
+                    self.prefill([(slot, self.queue.popleft())], rows=1)
+        elif self.queue and not self.busy().any():
+            take = [self.queue.popleft() for _ in range(min(self.slots, len(self.queue)))]
+            self.session.reset()
+            self.prefill(list(enumerate(take)), rows=self.slots)
+
+    def prefill(self, assign: list[tuple[int, int]], rows: int) -> None:
+        """Prefill prompts ``assign = [(slot, prompt_index)]`` as one ``rows``-row batch."""
+        ids, pos, lens = pad_prompts([self.prompts[i] for _, i in assign], rows, self.prompt_len)
+        index = (np.array([[slot] for slot, _ in assign], dtype=np.int64),) if self.continuous else ()
         t0 = time.perf_counter()
         last = None
-        for c in range(ids.shape[1] // prompt_len):
-            sl = slice(c * prompt_len, (c + 1) * prompt_len)
-            logits = session.run(ids[:, sl], pos[:, sl], *_batch_index(session, batch), phase="prefill")
-            has = (pos[:, sl] >= 0).any(axis=1)
+        for c in range(ids.shape[1] // self.prompt_len):
+            sl = slice(c * self.prompt_len, (c + 1) * self.prompt_len)
+            logits = self.session.run(ids[:, sl], pos[:, sl], *index, phase="prefill")
+            has = (pos[:, sl] >= 0).any(axis=1)  # rows with real tokens in this chunk
             last = logits[:, 0].copy() if last is None else np.where(has[:, None], logits[:, 0], last)
-        prefill_s += time.perf_counter() - t0
-        if ttft is None:
-            ttft = time.perf_counter() - start
-        next_pos = lens.copy()
-        active = np.zeros(batch, dtype=bool)
-        active[: len(rows)] = True
-        t1 = time.perf_counter()
-        while True:
-            tokens = last.argmax(-1)
-            for r, i in enumerate(rows):
-                if not active[r]:
-                    continue
-                token = int(tokens[r])
-                out_ids[i].append(token)
-                if out_logits is not None:
-                    out_logits[i].append(last[r].astype(np.float32))
-                if on_tokens is not None:
-                    on_tokens(i, [token])
-                reasons[i] = stop.reason(token, len(out_ids[i]), int(next_pos[r]))
-                active[r] = not reasons[i]
-            if not active.any():
-                break
-            step_pos = np.where(active, next_pos, -1)
-            logits = session.run(tokens.reshape(batch, 1), step_pos.reshape(batch, 1),
-                                 *_batch_index(session, batch))
-            last = logits[:, 0]
-            decode_tokens += int(active.sum())
-            next_pos += active
-        decode_s += time.perf_counter() - t1
-    perf = make_perf(prompts, out_ids, prefill_s=prefill_s, ttft=ttft, decode_s=decode_s,
-                     decode_tokens=decode_tokens, e2e=time.perf_counter() - start)
-    return GenerationResult([list(p) for p in prompts], out_ids, reasons, perf, out_logits)
+        self.prefill_s += time.perf_counter() - t0
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.start
+        for r, (slot, i) in enumerate(assign):
+            self.owner[slot], self.next_pos[slot] = i, lens[r]
+            self.emit(slot, last[r])
+
+    def decode(self) -> None:
+        """One step of every slot; idle slots read position -1."""
+        t0 = time.perf_counter()
+        busy = self.busy()
+        index = (np.arange(self.slots, dtype=np.int64).reshape(self.slots, 1),) if self.continuous else ()
+        logits = self.session.run(self.feed.reshape(self.slots, 1),
+                                  np.where(busy, self.next_pos, -1).reshape(self.slots, 1), *index)
+        self.decode_tokens += int(busy.sum())
+        self.next_pos += busy
+        for slot in np.flatnonzero(busy):
+            self.emit(int(slot), logits[slot, 0])
+        self.decode_s += time.perf_counter() - t0
+
+    def emit(self, slot: int, logits: np.ndarray) -> None:
+        """Append the greedy token of ``slot``'s ``logits``; free the slot if its row stops."""
+        i, token = self.owner[slot], int(logits.argmax())
+        self.out_ids[i].append(token)
+        if self.out_logits is not None:
+            self.out_logits[i].append(logits.astype(np.float32))
+        if self.on_tokens is not None:
+            self.on_tokens(i, [token])
+        self.feed[slot] = token
+        self.reasons[i] = self.stop.reason(token, len(self.out_ids[i]), int(self.next_pos[slot]))
+        if self.reasons[i]:
+            self.owner[slot] = -1
+            if self.on_finish is not None:
+                self.on_finish(i, self.reasons[i])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +230,3 @@ def check_prompts(prompts: Sequence[Sequence[int]], ctx_len: int, prompt_len: in
                 f"prompt {i} has {len(p)} tokens but ctx_len is {ctx_len}; use a larger "
                 "--ctx-len or a shorter prompt"
             )
-
-
-def _batch_index(session, batch: int) -> tuple:
-    if getattr(session, "continuous_batching", False):
-        return (np.arange(batch, dtype=np.int64).reshape(batch, 1),)
-    return ()

@@ -6,7 +6,6 @@ Nothing here reads weight bytes.
 from qeff_graph.ir.analysis import KVCache, KVLayer, ModelIO, find_io, find_kv_cache
 from qeff_graph.ir.build import Builder
 from qeff_graph.ir.io import (
-    atomic_dir,
     external_files,
     load,
     read_tensor,
@@ -20,7 +19,6 @@ __all__ = [
     "KVCache",
     "KVLayer",
     "ModelIO",
-    "atomic_dir",
     "external_files",
     "find_io",
     "find_kv_cache",

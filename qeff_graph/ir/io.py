@@ -3,23 +3,22 @@
 * :func:`load` parses the ModelProto and checks that every external-data file it references
   exists and is large enough; the weights themselves stay on disk (onnx_ir memory-maps them
   lazily when, and only when, something asks for their values).
-* :func:`save` is atomic: it writes into a temporary directory beside the target and renames.
-  Weights that already live in external data files are cloned into the new directory under
-  the same relative name and offsets: a copy-on-write reflink where the filesystem has them,
-  else a copy that keeps holes (sparse files stay sparse). ``hardlink=True`` hard-links them
-  instead, so rewriting a 13 GB model writes only the small graph — but ``onnx.load`` and
-  ``onnx.checker`` refuse hard-linked data files ("potential hardlink attack"); ONNX Runtime
-  and onnx_ir accept them. New tensors go inline, or into ``<name>.data`` when they add up
-  to more than 64 MiB.
+  A location that leaves the model's folder (absolute, ``..``, or a symlink out) is refused.
+* :func:`save` is atomic (:class:`qeff_graph.fs.AtomicDir`). Weights that already live in
+  external data files keep their offsets but get the output's own file names
+  (``model.onnx.data``, ``model.onnx.data1``, ...): each source file is cloned (a copy-on-write
+  reflink where the filesystem has them, else a copy that keeps holes) or, with
+  ``hardlink=True``, hard-linked, so rewriting a 13 GB model writes only the small graph —
+  ``onnx.load`` and ``onnx.checker`` refuse hard-linked data files ("potential hardlink
+  attack"); ONNX Runtime accepts them, and :func:`read_tensor` reads those qeff-graph made
+  itself. New tensors go inline, or into a data file of their own when they add up to more
+  than 64 MiB.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import onnx_ir as ir
 
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["load", "save", "atomic_dir", "write_model_files", "weight_bytes", "external_files", "read_tensor"]
+__all__ = ["load", "save", "write_model_files", "weight_bytes", "external_files", "read_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +75,16 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
     sizes: dict[str, int] = {}
+    folder = os.path.realpath(path.parent)
     for tensor in _external_tensors(model):
         file = os.path.join(tensor.base_dir, tensor.location)
         if file not in sizes:
+            real = os.path.realpath(file)
+            if os.path.isabs(tensor.location) or os.path.commonpath([folder, real]) != folder:
+                raise QeffGraphError(
+                    f"tensor {tensor.name!r} of {path} keeps its data at {tensor.location!r}, outside "
+                    "the model's folder; qeff-graph reads data files only beside the .onnx: move "
+                    "them there and fix the locations")
             if not os.path.exists(file):
                 raise QeffGraphError(
                     f"external data file {tensor.location!r} referenced by tensor "
@@ -114,6 +120,13 @@ def read_tensor(tensor: ir.TensorProtocol) -> np.ndarray:
         if not isinstance(tensor, ir.ExternalTensor) or "hard link" not in str(exc):
             raise
         path = os.path.join(tensor.base_dir, tensor.location)
+        from qeff_graph.artifact import lists_file
+
+        if lists_file(path):  # a weight file qeff-graph itself hard-linked between cache entries
+            dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+            count = tensor.nbytes // dtype.itemsize
+            array = np.fromfile(path, dtype=dtype, count=count, offset=tensor.offset or 0)
+            return array.reshape(tuple(tensor.shape.numpy())).astype(dtype.newbyteorder("="))
         raise QeffGraphError(
             f"cannot read weight {tensor.name!r}: its data file {path} has "
             f"{os.stat(path).st_nlink} hard links, which onnx/onnx_ir refuse to read; make it a "
@@ -137,135 +150,56 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target``.
-
-    On any exception the temporary directory is removed and ``target`` is left untouched.
-    """
-    target = Path(target).absolute()
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a program dir is an ordinary dir
-    except OSError as exc:
-        raise QeffGraphError(
-            f"cannot write to {parent} ({exc.strerror}); choose a writable output directory"
-        ) from None
-    try:
-        yield tmp
-        backup = None
-        if target.exists():
-            if not target.is_dir():
-                raise QeffGraphError(f"{target} exists and is not a directory; pick another -o")
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-            backup.rmdir()
-            os.rename(target, backup)
-        os.rename(tmp, target)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-_FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, xfs, ...)
-
-
-def clone_file(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst``: a reflink if the filesystem can, else a hole-preserving copy."""
-    import fcntl
-
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        try:
-            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
-            return
-        except OSError:
-            pass
-        size = os.fstat(fin.fileno()).st_size
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            os.lseek(fin.fileno(), start, os.SEEK_SET)
-            os.lseek(fout.fileno(), start, os.SEEK_SET)
-            left = end - start
-            while left > 0:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30))
-                if n == 0:
-                    break
-                left -= n
-            offset = end
-        fout.truncate(size)
-
-
-def _place(src: str, dst: str, hardlink: bool) -> None:
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if hardlink:
-        try:
-            os.link(src, dst)
-            return
-        except OSError as exc:
-            logger.warning("cannot hard-link %s into %s (%s): copying %.1f MiB; put the output on "
-                           "the same filesystem as the model to avoid this", src,
-                           os.path.dirname(dst), exc.strerror, os.path.getsize(src) / 2**20)
-    clone_file(src, dst)
-
-
 def write_model_files(model: ir.Model, directory: str | os.PathLike, filename: str = "model.onnx",
-                      *, hardlink: bool = False) -> Path:
-    """Write ``model`` into ``directory`` (not atomic; use inside :func:`atomic_dir`).
+                      *, hardlink: bool = False) -> dict[str, tuple[str, str]]:
+    """Write ``model`` into ``directory`` (not atomic: use inside :class:`qeff_graph.fs.AtomicDir`).
 
-    External tensors keep their file name and offsets; their files are cloned (or, with
-    ``hardlink``, hard-linked) into ``directory``. In-memory tensors are serialized inline unless they add up to more than
-    :data:`INLINE_LIMIT_BYTES`, in which case those above 1 KiB go to ``<filename>.data``.
+    External tensors keep their offsets; each source data file still mostly used is cloned (or,
+    with ``hardlink``, hard-linked) under the output's own name: ``<filename>.data`` for one
+    file, ``<filename>.data<k>`` for several. In-memory tensors (and the used tensors of a data
+    file the model now uses less than half of) are serialized inline unless they add up to
+    more than :data:`INLINE_LIMIT_BYTES`; then those above 1 KiB go to a data file of their own.
+    Returns ``{written data file name: (source path, "hardlink" | "copy")}``.
     """
+    from qeff_graph.fs import link_or_clone
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    onnx_path = directory / filename
-
     compact = _mostly_unused_files(model)
-    linked: set[str] = set()
-    for tensor in _external_tensors(model):
-        src = os.path.join(tensor.base_dir, tensor.location)
-        dst = str(directory / tensor.location)
-        if src in compact:
-            continue
-        if dst not in linked and os.path.abspath(src) != os.path.abspath(dst):
-            _place(src, dst, hardlink)
-        linked.add(dst)
+    sources = list(dict.fromkeys(_file_of(t) for t in _external_tensors(model) if _file_of(t) not in compact))
+    names = {src: f"{filename}.data" if len(sources) == 1 else f"{filename}.data{k}"
+             for k, src in enumerate(sources)}
+    placed = {}
+    for src, name in names.items():
+        placed[name] = (src, link_or_clone(src, directory / name, hardlink=hardlink))
 
-    inline = [
-        v
-        for g in model.graphs()
-        for v in g.initializers.values()
-        if v.const_value is not None and (not isinstance(v.const_value, ir.ExternalTensor)
-                                          or _file_of(v.const_value) in compact)
-    ]
-    inline_total = sum(v.const_value.nbytes for v in inline)
     restore: list[tuple[ir.Value, ir.TensorProtocol]] = []
     try:
-        if inline_total > INLINE_LIMIT_BYTES:
-            data_name = f"{filename}.data"
-            if str(directory / data_name) in linked:
-                data_name = f"{filename}.extra.data"
-            restore = _externalize(inline, directory, data_name)
+        inline = []
+        for g in model.graphs():
+            for value in g.initializers.values():
+                tensor = value.const_value
+                if tensor is None:
+                    continue
+                if isinstance(tensor, ir.ExternalTensor) and _file_of(tensor) in names:
+                    restore.append((value, tensor))
+                    value.const_value = ir.ExternalTensor(
+                        names[_file_of(tensor)], offset=tensor.offset, length=tensor.length,
+                        dtype=tensor.dtype, shape=tensor.shape, name=tensor.name, base_dir=str(directory))
+                else:
+                    inline.append(value)
+        if sum(v.const_value.nbytes for v in inline) > INLINE_LIMIT_BYTES:
+            data_name = f"{filename}.data" if not names else f"{filename}.extra.data"
+            restore += _externalize(inline, directory, data_name)
         for value in inline:  # left inline: weights from a compacted file are read in
             if isinstance(value.const_value, ir.ExternalTensor) and _file_of(value.const_value) in compact:
                 restore.append((value, value.const_value))
                 value.const_value = ir.Tensor(read_tensor(value.const_value), name=value.name)
-        proto = ir.to_proto(model)
-        onnx.save_model(proto, onnx_path)
+        onnx.save_model(ir.to_proto(model), directory / filename)
     finally:
-        for value, tensor in restore:
+        for value, tensor in reversed(restore):
             value.const_value = tensor
-    return onnx_path
+    return placed
 
 
 def _file_of(tensor: ir.ExternalTensor) -> str:
@@ -309,21 +243,34 @@ def _externalize(values: list[ir.Value], directory: Path, data_name: str) -> lis
     return restore
 
 
-def save(model: ir.Model, path: str | os.PathLike) -> Path:
-    """Atomically save ``model``.
+def _replaceable(directory: Path) -> bool:
+    """An empty folder, an earlier :func:`save` (only ``model.onnx*``) or a qeff-graph program."""
+    entries = [p.name for p in directory.iterdir()]
+    return all(n.startswith("model.onnx") for n in entries) or "qeff_graph.json" in entries
 
-    ``path`` ending in ``.onnx`` names the file (its directory receives the data files);
-    otherwise ``path`` is a directory that will hold ``model.onnx``. Returns the .onnx path.
+
+def save(model: ir.Model, path: str | os.PathLike) -> Path:
+    """Save ``model``: every file appears whole (temp beside it, fsync, rename).
+
+    ``path`` ending in ``.onnx`` names the file (its folder receives the data files, which are
+    moved in before the graph); otherwise ``path`` is a folder that will hold ``model.onnx``,
+    written as one :class:`~qeff_graph.fs.AtomicDir` (a folder holding anything but an earlier
+    save or a program is refused). Returns the .onnx path.
     """
+    from qeff_graph.fs import AtomicDir, TempDir, fsync_dir, fsync_file
+
     path = Path(path)
     if path.suffix == ".onnx":
         directory, filename = path.parent, path.name
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{filename}.tmp-", dir=directory) as tmp:
+        with TempDir(path) as tmp:
             write_model_files(model, tmp, filename)
-            for entry in sorted(Path(tmp).iterdir()):
+            for entry in sorted(tmp.iterdir(), key=lambda p: p.name == filename):  # the graph last
+                fsync_file(entry)
                 os.replace(entry, directory / entry.name)
+            fsync_dir(directory)
         return path
-    with atomic_dir(path) as tmp:
+    if path.is_dir() and not _replaceable(path):
+        raise QeffGraphError(f"{path} holds files other than a saved model; save into a new or empty folder")
+    with AtomicDir(path) as tmp:
         write_model_files(model, tmp)
     return path / "model.onnx"

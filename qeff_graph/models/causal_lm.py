@@ -1,21 +1,26 @@
 """``QEFFAutoModelForCausalLM``: from_pretrained → export → compile → generate, with a cache.
 
 Mirrors QEfficient's API. ``export()`` writes the unmodified ONNX (torch exporter) into the
-cache, ``compile()`` runs the retained-KV pipeline into a program directory, ``generate()``
-runs it with ONNX Runtime. Artifacts that already exist in the cache are reused.
+cache, ``compile()`` builds a program for a :class:`~qeff_graph.program.ProgramSpec` with
+:func:`~qeff_graph.program.build_program`, ``generate()`` runs it with ONNX Runtime. Cached
+artifacts are reused only after they match their manifests; a broken one is rebuilt with a
+one-line notice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from qeff_graph import __version__, cache
+from qeff_graph import progress as _progress
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput", "encode_prompt", "generate_text", "load_tokenizer"]
+__all__ = ["QEFFAutoModelForCausalLM", "GenerateOutput", "encode_prompt", "generate_text", "load_tokenizer",
+           "reuse_or_build"]
 
 # tokenizer classes that are the `tokenizers` backend itself: loaded without AutoTokenizer,
 # whose import chain pulls in torch (~2 s of a cached `infer`)
@@ -36,8 +41,18 @@ class GenerateOutput:
                 "perf": self.perf}
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def reuse_or_build(path: Path, what: str, open_: Callable[[Path], object], build: Callable[[], object],
+                   *, force: bool = False):
+    """The cache rule, once: reuse ``path`` if ``open_`` accepts it, else (missing, broken,
+    ``force``) build it, saying which in one line."""
+    if path.exists() and not force:
+        try:
+            found = open_(path)
+            _progress.say(f"{what}: reusing {path}")
+            return found
+        except QeffGraphError as exc:
+            _progress.say(f"{what}: cached entry is broken ({exc}); rebuilding")
+    return build()
 
 
 class QEFFAutoModelForCausalLM:
@@ -45,15 +60,17 @@ class QEFFAutoModelForCausalLM:
 
     def __init__(self, source: str, gguf_file: str | None = None, *, hf_token: str | None = None,
                  cache_dir: str | os.PathLike | None = None, exporter: str = "dynamo",
-                 opset: int | None = None, force: bool = False):
+                 opset: int | None = None, force: bool = False, verify_cache: bool = False,
+                 trust_remote_code: bool = False):
+        cache.cache_root(cache_dir)  # a cache that cannot be used fails now, not after an export
         self.source, self.gguf_file = source, gguf_file
         self.hf_token, self.cache_dir = hf_token, cache_dir
         self.exporter, self.opset, self.force = exporter, opset, force
+        self.verify_cache, self.trust_remote_code = verify_cache, trust_remote_code
         self.onnx_path: Path | None = None
-        self.program_path: Path | None = None
-        self.compile_options: dict = {}
-        self.backend = "ort"
-        self.threads: int | None = None  # ORT intra-op threads (compile's num_cores on ort)
+        self.program = None  # qeff_graph.program.Program once compiled
+        self.spec = None  # its ProgramSpec
+        self._tokenizer = None
         name = f"{source}/{gguf_file}" if gguf_file else source
         self.slug = cache.model_slug(gguf_file.removesuffix(".gguf") if gguf_file else source)
         self.identity = {"model": os.path.abspath(name) if os.path.exists(source) else name,
@@ -62,7 +79,9 @@ class QEFFAutoModelForCausalLM:
     @classmethod
     def from_pretrained(cls, name_or_path: str | None = None, gguf_file: str | None = None, **kwargs):
         """A local HF dir, a ``.gguf`` file (or dir + ``gguf_file``), a hub id, or ``None`` for
-        the embedded default model (SmolLM2-135M-Instruct)."""
+        the embedded default model (SmolLM2-135M-Instruct). Keyword arguments: ``hf_token``,
+        ``cache_dir``, ``exporter``, ``opset``, ``force``, ``verify_cache`` (hash every cached
+        file before reuse), ``trust_remote_code`` (run Python code shipped with the model)."""
         if name_or_path is None:
             from qeff_graph.export import default_model_path
 
@@ -72,90 +91,104 @@ class QEFFAutoModelForCausalLM:
             name_or_path, gguf_file = os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
         return cls(str(name_or_path), gguf_file, **kwargs)
 
+    @property
+    def program_path(self) -> Path | None:
+        return self.program.path if self.program is not None else None
+
+    @property
+    def export_path(self) -> Path:
+        return cache.export_dir(self.slug, cache.options_hash(**self.identity), self.cache_dir)
+
     def export(self, progress: bool = True) -> Path:
-        """Export (unmodified ONNX) into the cache unless it is already there."""
-        target = cache.export_dir(self.slug, cache.options_hash(**self.identity), self.cache_dir)
-        onnx_path = target / "model.onnx"
-        if onnx_path.exists() and not self.force:
-            if progress:
-                _say(f"export: reusing {target}")
-        else:
-            from qeff_graph.export import export_causal_lm
+        """Export (unmodified ONNX) into the cache unless a sound export is already there."""
+        from qeff_graph.export import export_causal_lm
+        from qeff_graph.export.exporter import ExportResult
 
-            export_causal_lm(self.source, target, exporter=self.exporter, opset=self.opset,
-                             gguf_file=self.gguf_file, hf_token=self.hf_token, progress=progress)
-        self.onnx_path = onnx_path
-        return onnx_path
+        target = self.export_path
+        with _progress.quiet(not progress):
+            cache.sweep(self.cache_dir)
+            result = reuse_or_build(
+                target, "export", lambda p: ExportResult.read(p, hashes=self.verify_cache),
+                lambda: export_causal_lm(self.source, target, exporter=self.exporter, opset=self.opset,
+                                         gguf_file=self.gguf_file, hf_token=self.hf_token,
+                                         trust_remote_code=self.trust_remote_code, cache_entry=True),
+                force=self.force)
+        self.onnx_path = result.onnx_path
+        return self.onnx_path
 
-    def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1,
-                full_batch_size: int | None = None, num_cores: int = 16, mxfp6_matmul: bool = False,
-                mxint8_kv_cache: bool = False, backend: str = "ort", *, kv_dtype: str = "float32",
-                device_group: list[int] | None = None, mos: int | None = None,
-                aic_enable_depth_first: bool = False, aic_hw_version: str = "2.0",
-                weight_bits: int | None = None, progress: bool = True) -> Path:
-        """Optimize the export into a program directory for ``backend`` (cached).
+    def geometry(self):
+        """``KVGeometry`` from the cached export, else from the model's config (None if unknown)."""
+        from qeff_graph.artifact import read_json
+        from qeff_graph.export.loader import KVGeometry, model_geometry
 
-        ``ort``: ``mxfp6_matmul`` lowers the MatMul weights to 8-bit blocks (``matmul-nbits``,
-        ``weight_bits`` picks 4 or 8); ``mxint8_kv_cache`` stores the KV cache in float16 (ONNX
-        Runtime has no MXINT8 tensors; see :mod:`qeff_graph.backends.ort.options`);
-        ``num_cores`` caps the CPU threads; one device only.
-        ``qaic``: writes ``compile.sh`` for ``qaic-exec`` with these options and runs it when
-        the Cloud AI 100 SDK is installed.
+        try:
+            info = read_json(self.export_path / "export.json", "export manifest")
+            return KVGeometry(info["num_layers"], info["num_kv_heads"], info["head_dim"], info["vocab_size"])
+        except (QeffGraphError, KeyError):
+            return model_geometry(self.source, self.gguf_file, trust_remote_code=self.trust_remote_code)
+
+    def compile(self, prefill_seq_len: int | None = None, ctx_len: int | None = None,
+                batch_size: int | None = None, full_batch_size: int | None = None,
+                num_cores: int | None = None, mxfp6_matmul: bool = False, mxint8_kv_cache: bool = False,
+                backend: str = "ort", *, kv_dtype: str | None = None, device_group: list[int] | None = None,
+                mos: int | None = None, aic_enable_depth_first: bool = False, aic_hw_version: str | None = None,
+                weight_bits: int | None = None, progress: bool = True, **kwargs) -> Path:
+        """Build (or reuse from the cache) the program for these options; returns its folder.
+
+        Options left ``None`` take :data:`qeff_graph.program.DEFAULTS` (prompt_len 32, ctx_len
+        128, batch 1, float32 KV); what each QEfficient flag means per backend is documented on
+        :class:`~qeff_graph.program.ProgramSpec`. The KV cache size is checked against the
+        available memory before the export starts.
         """
-        if backend not in ("ort", "qaic"):
-            raise QeffGraphError(f"unknown backend {backend!r}; use ort or qaic")
-        if num_cores < 1:
-            raise QeffGraphError(f"num_cores must be >= 1, got {num_cores}")
-        from qeff_graph.backends.ort.options import ort_program_options
-        from qeff_graph.program import copy_side_files, optimize
+        from qeff_graph.program import ProgramSpec
 
         options = dict(prompt_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size,
-                       full_batch_size=full_batch_size, kv_dtype=kv_dtype)
-        qaic = {}
-        if backend == "ort":
-            if mos is not None or aic_enable_depth_first:
-                raise QeffGraphError("mos and aic_enable_depth_first only apply to backend='qaic'")
-            if device_group and len(device_group) > 1:
-                raise QeffGraphError(f"--device-group {','.join(map(str, device_group))}: ONNX Runtime "
-                                     "runs on one CPU here; multi-device partitioning needs --backend qaic")
-            lowered, notes = ort_program_options(mxfp6=mxfp6_matmul, mxint8=mxint8_kv_cache,
-                                                 weight_bits=weight_bits, kv_dtype=kv_dtype)
-            options.update(lowered)
-            for note in notes if progress else ():
-                _say(f"compile: {note}")
-            self.threads = min(num_cores, len(os.sched_getaffinity(0)))
-        else:
-            qaic = dict(num_cores=num_cores, mxfp6=mxfp6_matmul, mxint8=mxint8_kv_cache, mos=mos,
-                        aic_enable_depth_first=aic_enable_depth_first, device_group=device_group,
-                        hw_version=aic_hw_version)
-        onnx_path = self.onnx_path or self.export(progress)
-        digest = cache.options_hash(**self.identity, backend=backend, **options, **qaic)
-        target = cache.program_dir(self.slug, backend, digest, self.cache_dir)
-        if (target / "qeff_graph.json").exists() and not self.force:
-            if progress:
-                _say(f"compile: reusing {target}")
-        else:
-            if progress:
-                _say(f"compile: optimizing for {backend} …")
-            optimize(onnx_path, target, **options)
-            copy_side_files(onnx_path.parent, target)  # tokenizer next to the program
-            if qaic:
-                from qeff_graph.backends.qaic import compile_qaic
+                       full_batch_size=full_batch_size, num_cores=num_cores, mxfp6=mxfp6_matmul,
+                       mxint8=mxint8_kv_cache, backend=backend, kv_dtype=kv_dtype, device_group=device_group,
+                       mos=mos, aic_enable_depth_first=aic_enable_depth_first, aic_hw_version=aic_hw_version,
+                       weight_bits=weight_bits, **kwargs)
+        try:
+            spec = ProgramSpec(**{k: v for k, v in options.items() if v is not None})
+        except TypeError as exc:
+            raise QeffGraphError(f"compile(): {exc}") from None
+        return self.compile_spec(spec, progress=progress)
 
-                result = compile_qaic(target, **qaic)
-                if progress:
-                    _say(f"compile: qaic-exec {'ran' if result.executed else 'not found'}; "
-                         f"the command is in {result.script}")
-        self.program_path = target
-        self.compile_options = options
-        self.backend = backend
-        return target
+    def compile_spec(self, spec, *, progress: bool = True) -> Path:
+        """:meth:`compile` for a ready :class:`~qeff_graph.program.ProgramSpec` (what ``infer`` uses)."""
+        with _progress.quiet(not progress):
+            self.program = self._program(spec)
+        self.spec = spec
+        return self.program.path
+
+    def _program(self, spec):
+        from qeff_graph.program import Program, build_program
+        from qeff_graph.resources import check_kv_cache_fits
+
+        for note in spec.notes():
+            _progress.say(f"compile: {note}")
+        geo = self.geometry()
+        if geo is not None and spec.backend == "ort":
+            check_kv_cache_fits(rows=spec.rows, layers=geo.num_layers, kv_heads=geo.num_kv_heads,
+                                ctx_len=spec.ctx_len, head_dim=geo.head_dim, kv_dtype=spec.kv_dtype)
+        onnx_path = self.onnx_path or self.export()
+        target = cache.program_dir(self.slug, spec.backend, spec.cache_key(**self.identity), self.cache_dir)
+
+        def build():
+            _progress.say(f"compile: building {target.name} for {spec.backend}")
+            return build_program(onnx_path, spec, target, model_name=self.identity["model"],
+                                 hardlink_data=True, cache_entry=True)
+
+        return reuse_or_build(target, "compile", lambda p: Program.open(p, hashes=self.verify_cache), build,
+                              force=self.force)
 
     def tokenizer(self):
-        base = self.program_path or (self.onnx_path.parent if self.onnx_path else None)
-        if base is None or not (base / "tokenizer_config.json").exists():
-            raise QeffGraphError("this model has no tokenizer files; pass prompts as token ids")
-        return load_tokenizer(base)
+        if self._tokenizer is None:
+            base = self.program_path or (self.onnx_path.parent if self.onnx_path else None)
+            if base is None:
+                raise QeffGraphError("this model has no tokenizer files yet; export or compile it first, "
+                                     "or pass prompts as token ids")
+            self._tokenizer = load_tokenizer(base)
+        return self._tokenizer
 
     def generate(self, tokenizer=None, prompts: list[str] | str = (), generation_len: int | None = None,
                  stream: bool = False, threads: int | None = None, chat_template: bool = False,
@@ -165,46 +198,44 @@ class QEFFAutoModelForCausalLM:
         ``chat_template`` wraps each prompt as a user turn with the tokenizer's chat template
         (instruct models); ``write_io_dir`` saves the first prefill/decode step's IO as raw files.
         """
-        if self.program_path is None:
+        if self.program is None:
             self.compile()
-        if self.backend != "ort":
-            script = self.program_path / "compile.sh"
-            raise QeffGraphError(f"the program in {self.program_path} is compiled for {self.backend}; "
+        if self.spec.backend != "ort":
+            script = self.program.path / "compile.sh"
+            raise QeffGraphError(f"the program in {self.program.path} is compiled for {self.spec.backend}; "
                                  f"qeff-graph runs ort programs (qaic: run {script} and use the SDK's "
                                  "runtime), or compile with backend='ort'")
-        return generate_text(self.program_path, self.compile_options, tokenizer or self.tokenizer(),
-                             prompts, generation_len=generation_len, stream=stream,
-                             threads=threads or self.threads, chat_template=chat_template,
+        return generate_text(self.program, tokenizer or self.tokenizer(), prompts,
+                             generation_len=generation_len, stream=stream,
+                             threads=threads or self.spec.threads(), chat_template=chat_template,
                              write_io_dir=write_io_dir)
 
 
-def generate_text(program_path, options: dict, tokenizer, prompts: list[str] | str,
-                  generation_len: int | None = None, stream: bool = False,
-                  threads: int | None = None, chat_template: bool = False,
+def generate_text(program, tokenizer, prompts: list[str] | str, *, generation_len: int | None = None,
+                  stream: bool = False, threads: int | None = None, chat_template: bool = False,
                   write_io_dir: str | os.PathLike | None = None) -> GenerateOutput:
-    """Tokenize ``prompts``, run a program with ``options`` (its manifest's), decode the text.
-
-    Uses continuous batching when the program was built with ``full_batch_size``.
-    """
+    """Tokenize ``prompts``, run ``program`` (a :class:`~qeff_graph.program.Program`) with its
+    manifest's shapes, decode the text. Continuous batching when it has ``full_batch_size``."""
     from qeff_graph.backends.ort import RetainedStateSession
-    from qeff_graph.generation import generate_continuous, generate_ids
+    from qeff_graph.generation import PromptStreamer, generate_ids
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise QeffGraphError("no prompt given; pass --prompt or --prompts-txt-file-path")
     ids = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
-    rows = options.get("full_batch_size") or options["batch_size"]
-    session = RetainedStateSession(program_path, batch_size=rows, ctx_len=options["ctx_len"],
+    spec = program.spec
+    session = RetainedStateSession(program.path, batch_size=spec.rows, ctx_len=spec.ctx_len,
                                    threads=threads, write_io_dir=write_io_dir)
-    on_tokens = None
-    if stream:
-        def on_tokens(i, toks):
-            print(tokenizer.decode(toks, skip_special_tokens=True), end="", flush=True)
-    run = generate_continuous if options.get("full_batch_size") else generate_ids
-    result = run(session, ids, prompt_len=options["prompt_len"], generation_len=generation_len,
-                 eos_token_id=tokenizer.eos_token_id, on_tokens=on_tokens)
-    if stream:
-        print()
+    streamer = PromptStreamer(prompts, lambda t: tokenizer.decode(t, skip_special_tokens=True)) if stream else None
+    _progress.checkpoint("generate")
+    busy = contextlib.nullcontext() if stream else _progress.task(f"generate: {len(prompts)} prompt(s)")
+    with busy:
+        result = generate_ids(session, ids, prompt_len=spec.prompt_len, generation_len=generation_len,
+                              eos_token_id=tokenizer.eos_token_id,
+                              on_tokens=streamer.on_tokens if streamer else None,
+                              on_finish=streamer.on_finish if streamer else None)
+    if streamer is not None:
+        streamer.close()
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in result.generated_ids]
     return GenerateOutput(prompts, texts, result.generated_ids, result.stop_reasons, result.perf)
 
@@ -228,8 +259,9 @@ def load_tokenizer(directory: str | os.PathLike):
     directory = Path(directory)
     if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                    "tokenizer.model", "vocab.json")):
-        raise QeffGraphError(f"{directory} has no tokenizer files; compile it from an export that "
-                             "has a tokenizer (qeff-graph export saves one) or copy them there")
+        raise QeffGraphError(f"{directory} has no tokenizer files; build it from an export that has a "
+                             "tokenizer (`qeff-graph export` saves one; optimize/compile copy it) or copy "
+                             "them there")
     try:
         config = json.loads((directory / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
@@ -241,7 +273,7 @@ def load_tokenizer(directory: str | os.PathLike):
             return PreTrainedTokenizerFast.from_pretrained(str(directory))
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(directory))
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - a broken tokenizer is a user problem
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise QeffGraphError(f"cannot load the tokenizer in {directory}: {first}") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -87,7 +88,7 @@ class PassManager(ir.passes.PassManager):
     Args:
         passes: pass instances (or registered names, created with ``options``).
         verify: ``None``/``False``, ``"checker"`` (or ``True``) or ``"ort"``.
-        dump_dir: where dumps go (default: the current directory).
+        dump_dir: where dumps go (default: ``<tmp>/qeff-graph-dumps``; never the current folder).
         dump_before / dump_after: pass names whose input/output graph is dumped as text.
         options: constructor options for passes given by name.
     """
@@ -110,7 +111,7 @@ class PassManager(ir.passes.PassManager):
         self.verify = "checker" if verify is True else (verify or None)
         if self.verify not in (None, "checker", "ort"):
             raise QeffGraphError(f"verify={verify!r} is not one of checker, ort")
-        self.dump_dir = Path(dump_dir) if dump_dir else Path.cwd()
+        self.dump_dir = Path(dump_dir) if dump_dir else Path(tempfile.gettempdir()) / "qeff-graph-dumps"
         self.dump_before = set(dump_before)
         self.dump_after = set(dump_after)
         self.progress = progress
@@ -120,13 +121,12 @@ class PassManager(ir.passes.PassManager):
         modified_any = False
         self.log = []
         passes = self.passes
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
+        from qeff_graph import progress
 
-            bar = tqdm(total=len(passes), desc="optimize", unit="pass", leave=False)
+        bar = progress.bar(len(passes), "optimize") if self.progress else None
         for p in passes:
             name = pass_name(p)
+            progress.checkpoint(f"pass:{name}")
             if bar is not None:
                 bar.set_postfix_str(name)
             if name in self.dump_before:

@@ -26,8 +26,9 @@ def test_optimize_writes_program(tmp_path, capsys):
                  "--batch-size", "2", "--kv-dtype", "float16", "--verify"]) == 0
     text = capsys.readouterr().out
     assert "2 layers, 2 kv heads, head_dim 16" in text and "fp16-clamp" in text
-    assert sorted(p.name for p in out.iterdir()) == ["custom_io.yaml", "model.onnx", "qeff_graph.json",
-                                                      "specializations.json"]
+    # the model's config travels with the program (tokenizer files too, when the export has them)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "custom_io.yaml", "generation_config.json",
+                                                      "model.onnx", "qeff_graph.json", "specializations.json"]
     spec = json.loads((out / "specializations.json").read_text())
     assert spec == {"specializations": [{"batch_size": "2", "seq_len": "16", "ctx_len": "64"},
                                         {"batch_size": "2", "seq_len": "1", "ctx_len": "64"}]}

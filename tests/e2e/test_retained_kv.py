@@ -54,8 +54,6 @@ def test_generation_stops_at_ctx_len(arch, exports, hf_reference, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_continuous_batching_token_exact(arch, exports, hf_reference, tmp_path):
     """5 prompts through 2 cache slots, refilled as slots free up, equal HF solo runs."""
-    from qeff_graph.generation import generate_continuous
-
     program = qg.optimize(exports(arch, "optimum"), tmp_path / "cb", ctx_len=64, prompt_len=PROMPT_LEN,
                           full_batch_size=2)
     assert "batch_index" in [i["name"] for i in program.manifest["io"]["inputs"]]
@@ -68,8 +66,9 @@ def test_continuous_batching_token_exact(arch, exports, hf_reference, tmp_path):
         return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
     session = RetainedStateSession(program.path, batch_size=2, ctx_len=64)
-    result = generate_continuous(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS,
-                                 eos_token_id=eos)
+    assert session.continuous_batching
+    result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS,
+                          eos_token_id=eos)
     assert len({len(g) for g in result.generated_ids}) > 1  # rows really finished at different times
     for i in range(len(batch)):
         assert result.generated_ids[i] == until_eos(expected[i]), i

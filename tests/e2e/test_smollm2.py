@@ -5,8 +5,6 @@ Slow (the dynamo export of 30 layers takes ~1.5 min on 2 cores); still runs in C
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -20,19 +18,15 @@ PROMPTS = ["The capital of France is", "My name is", "def fibonacci(n):\n    ",
            "Once upon a time, in a land far away, there lived a"]
 
 
-def test_optimize_fast_and_32_tokens_equal_hf(smollm2_export, smollm2_hf, tmp_path):
+def test_optimize_and_32_tokens_equal_hf(smollm2_export, smollm2_hf, tmp_path):
     from transformers import AutoTokenizer
 
     directory, gguf, export = smollm2_export
     onnx_path = export.onnx_path
-    start = time.perf_counter()
     program = qg.optimize(onnx_path, tmp_path / "program", ctx_len=128, prompt_len=8, hardlink_data=True)
-    seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    qg.optimize(onnx_path, tmp_path / "copied", ctx_len=128, prompt_len=8)  # default: data copied
-    copied = time.perf_counter() - start
-    print(f"optimize SmolLM2-135M: {seconds:.2f} s (data hard-linked), {copied:.2f} s (0.54 GB copied)")
-    assert seconds < 2.0, seconds
+    copied = qg.optimize(onnx_path, tmp_path / "copied", ctx_len=128, prompt_len=8)  # default: data copied
+    print(f"optimize SmolLM2-135M: {program.manifest['seconds']:.2f} s (data hard-linked), "
+          f"{copied.manifest['seconds']:.2f} s (0.54 GB copied); speed is for `qeff-graph bench`")
     assert program.manifest["kv_cache"]["layers"] == 30 and program.manifest["kv_cache"]["kv_heads"] == 3
 
     tokenizer = AutoTokenizer.from_pretrained(onnx_path.parent)

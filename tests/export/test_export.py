@@ -137,7 +137,8 @@ def test_export_model_object_with_tokenizer_overwrites_atomically(tiny_dirs, tmp
     model, _ = load_hf_causal_lm(tiny_dirs["llama"])
     out = tmp_path / "exp"
     out.mkdir()
-    (out / "model.onnx").write_text("stale")  # an earlier export: replaced as a whole
+    (out / "model.onnx").write_text("stale")  # an earlier export (export.json): replaced as a whole
+    (out / "export.json").write_text("{}")
     (out / "stale.txt").write_text("x")
     res = export_causal_lm(model, out, exporter="torchscript", progress=False,
                            tokenizer=tokenizer)
@@ -177,6 +178,7 @@ def test_failed_export_leaves_out_dir_untouched(tiny_dirs, tmp_path, monkeypatch
     out = tmp_path / "exp"
     out.mkdir()
     (out / "model.onnx").write_text("previous")
+    (out / "export.json").write_text("{}")
     with pytest.raises(QeffGraphError) as ei:
         export_causal_lm(str(tiny_dirs["gpt2"]), out, progress=False)
     msg = str(ei.value)
@@ -190,7 +192,7 @@ def test_refuses_foreign_out_dir(tiny_dirs, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(QeffGraphError, match="not an export dir"):
+    with pytest.raises(QeffGraphError, match="not a qeff-graph export"):
         export_causal_lm(model, out, exporter="torchscript", progress=False)
     assert (out / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
@@ -201,13 +203,11 @@ def test_unknown_hub_id_offline(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
-    t = time.perf_counter()
     with pytest.raises(QeffGraphError) as ei:
         load_hf_causal_lm("nonexistent-org-qeff/no-such-model-xyz")
     msg = str(ei.value)
     assert "\n" not in msg
     assert "not found locally" in msg and "unreachable" in msg and ".gguf" in msg
-    assert time.perf_counter() - t < 30
     with pytest.raises(QeffGraphError):
         export_causal_lm("nonexistent-org-qeff/no-such-model-xyz", "/nonexistent/out",
                          progress=False)

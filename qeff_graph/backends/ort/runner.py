@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from qeff_graph.backends.ort.io_files import IOFileWriter
 from qeff_graph.errors import QeffGraphError
+from qeff_graph.resources import check_kv_cache_fits
 
 __all__ = ["RetainedStateSession"]
 
@@ -40,11 +41,12 @@ class RetainedStateSession:
         write_io_dir: if set, the first prefill and decode steps' IO are written there as raw
             files (:class:`~qeff_graph.backends.ort.io_files.IOFileWriter`).
         io_binding: keep the cache in bound OrtValue buffers (default) instead of numpy feeds.
+        session: an ONNX Runtime session of this program to share (its weights are in memory once).
     """
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int, ctx_len: int,
                  threads: int | None = None, write_io_dir: str | os.PathLike | None = None,
-                 io_binding: bool = True):
+                 io_binding: bool = True, session: ort.InferenceSession | None = None):
         path = Path(model)
         if path.is_dir():
             path = path / "model.onnx"
@@ -52,11 +54,13 @@ class RetainedStateSession:
             raise QeffGraphError(f"{path} does not exist; pass a program directory from `qeff-graph optimize`")
         if batch_size < 1 or ctx_len < 1:
             raise QeffGraphError(f"batch_size ({batch_size}) and ctx_len ({ctx_len}) must be >= 1")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if session is None:
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = session
         self.batch_size = batch_size
         self.ctx_len = ctx_len
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -69,6 +73,9 @@ class RetainedStateSession:
                 self.cache_specs[spec.name] = ((batch_size, heads, ctx_len, head_dim), _ORT_TYPES[spec.type])
         if not self.cache_specs:
             raise QeffGraphError(f"{path} has no past_key.{{i}} inputs; run `qeff-graph optimize` on it first")
+        (_, heads, _, head_dim), dtype = next(iter(self.cache_specs.values()))
+        check_kv_cache_fits(rows=batch_size, layers=len(self.cache_specs) // 2, kv_heads=heads, ctx_len=ctx_len,
+                            head_dim=head_dim, kv_dtype=np.dtype(dtype).name)
         self.continuous_batching = "batch_index" in self.input_names
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.io_writer = IOFileWriter(write_io_dir) if write_io_dir else None

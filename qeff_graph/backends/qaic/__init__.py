@@ -6,6 +6,6 @@ executed only when the Cloud AI 100 SDK is installed.
 
 from __future__ import annotations
 
-from .command import QaicCompileResult, compile_qaic, find_qaic_exec, qaic_command, write_mdp_json
+from .command import compile_qaic, find_qaic_exec, qaic_command, write_mdp_json
 
-__all__ = ["qaic_command", "write_mdp_json", "compile_qaic", "find_qaic_exec", "QaicCompileResult"]
+__all__ = ["qaic_command", "write_mdp_json", "compile_qaic", "find_qaic_exec"]

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shlex
@@ -21,16 +20,11 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["qaic_command", "write_mdp_json", "compile_qaic", "find_qaic_exec", "QaicCompileResult",
-           "SDK_QAIC_EXEC"]
+__all__ = ["qaic_command", "write_mdp_json", "compile_qaic", "find_qaic_exec", "SDK_QAIC_EXEC"]
 
 SDK_QAIC_EXEC = "/opt/qti-aic/exec/qaic-exec"
-MANIFEST = "qeff_graph.json"
-_PRECISION = {"float32": "float", "float16": "float16"}  # as qeff_graph.program writes them
 
 
 def find_qaic_exec() -> str | None:
@@ -85,86 +79,46 @@ def write_mdp_json(path: str | os.PathLike, devices: Sequence[int], num_cores: i
     return path
 
 
-@dataclasses.dataclass
-class QaicCompileResult:
-    program_dir: Path
-    command: list[str]
-    script: Path
-    executed: bool
-    qaic_exec: str | None  # the executable used, None when the SDK is not installed
+def compile_qaic(build_dir: str | os.PathLike, final_dir: str | os.PathLike, *, num_cores: int = 16,
+                 mxfp6: bool = False, mxint8: bool = False, mos: int | None = None,
+                 aic_enable_depth_first: bool = False, device_group: Sequence[int] | None = None,
+                 hw_version: str = "2.0", execute: bool | None = None, stream=None) -> dict:
+    """Write ``compile.sh`` (and ``mdp.json``) into a program being built in ``build_dir`` and
+    run ``qaic-exec`` there when the SDK is installed; returns the manifest's ``"backend"``.
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def compile_qaic(program_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                 num_cores: int = 16, mxfp6: bool = False, mxint8: bool = False,
-                 mos: int | None = None, aic_enable_depth_first: bool = False,
-                 device_group: Sequence[int] | None = None, hw_version: str = "2.0",
-                 binary_dir: str | os.PathLike | None = None, execute: bool | None = None,
-                 stream=None) -> QaicCompileResult:
-    """Write ``compile.sh`` (and ``mdp.json``) into the program dir and run it if the SDK is there.
-
-    ``program_dir`` is a program directory (``qeff-graph optimize``); with ``out_dir`` it is
-    copied there first. ``binary_dir`` defaults to ``<out_dir>/qpc``. With ``mxint8`` the KV
-    IO precisions in ``custom_io.yaml`` become ``mxint8`` (QEfficient's compressed KV).
-    ``execute=None`` runs the command when ``qaic-exec`` is found; the manifest records it
-    under ``"backend"``.
+    ``build_dir`` is the temp folder the program is written in; ``final_dir`` the folder it
+    becomes: ``compile.sh`` and the manifest name the final paths, the run uses the temp ones
+    (its binaries land in ``<build_dir>/qpc`` and so appear with the rest of the program, or
+    not at all). ``execute=None`` runs the command when ``qaic-exec`` is found.
     """
-    src = Path(program_dir)
-    if not (src / MANIFEST).exists():
-        raise QeffGraphError(f"{src} is not a qeff-graph program directory (no {MANIFEST}); "
-                             "run `qeff-graph optimize` first")
-    out = Path(out_dir) if out_dir is not None else src
-    if out.resolve() != src.resolve():
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(src, out)
-    out = out.resolve()
+    build, final = Path(build_dir), Path(final_dir)
     devices = list(device_group) if device_group else None
     if devices is not None and len(devices) > 1:
-        write_mdp_json(out / "mdp.json", devices, num_cores)
-    manifest = json.loads((out / MANIFEST).read_text())
-    kv_dtype = manifest.get("options", {}).get("kv_dtype", "float32")
-    precision = "mxint8" if mxint8 else _PRECISION.get(kv_dtype, "float")
-    io_file = out / "custom_io.yaml"
-    entries = (yaml.safe_load(io_file.read_text()) or []) if io_file.exists() else None
-    if entries is None:
-        raise QeffGraphError(f"{out} has no custom_io.yaml; rebuild it with `qeff-graph optimize`")
-    if any(e.get("Precision") != precision for e in entries):
-        for e in entries:
-            e["Precision"] = precision
-        _write_text_atomic(io_file, yaml.safe_dump(entries, sort_keys=False))
-    binary = Path(binary_dir).resolve() if binary_dir is not None else out / "qpc"
-    exe = find_qaic_exec()
-    cmd = qaic_command(out, num_cores=num_cores, mxfp6=mxfp6, mxint8=mxint8, mos=mos,
-                       aic_enable_depth_first=aic_enable_depth_first, device_group=devices,
-                       binary_dir=binary, hw_version=hw_version)
-    script = out / "compile.sh"
-    _write_text_atomic(script, "#!/bin/sh\n# written by qeff-graph compile --backend qaic\nset -e\n"
-                       + shlex.join(cmd) + "\n")
+        write_mdp_json(build / "mdp.json", devices, num_cores)
+    options = dict(num_cores=num_cores, mxfp6=mxfp6, mxint8=mxint8, mos=mos,
+                   aic_enable_depth_first=aic_enable_depth_first, device_group=devices, hw_version=hw_version)
+    cmd = qaic_command(final, binary_dir=final / "qpc", **options)
+    script = build / "compile.sh"
+    script.write_text("#!/bin/sh\n# written by qeff-graph compile --backend qaic\nset -e\n" + shlex.join(cmd) + "\n")
     script.chmod(0o755)
+    exe = find_qaic_exec()
     run = (exe is not None) if execute is None else execute
     if run and exe is None:
-        raise QeffGraphError(f"qaic-exec not found (Cloud AI 100 SDK not installed); the command is in {script}")
-    manifest["backend"] = {"name": "qaic", "command": cmd, "executed": False,
-                           "options": {"num_cores": num_cores, "mxfp6": mxfp6, "mxint8": mxint8,
-                                       "mos": mos, "aic_enable_depth_first": aic_enable_depth_first,
-                                       "device_group": devices, "hw_version": hw_version},
-                           "binary_dir": str(binary)}
-    _write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        raise QeffGraphError("qaic-exec not found (Cloud AI 100 SDK not installed); compile without "
+                             "execute=True to only write the command")
+    backend = {"name": "qaic", "command": cmd, "executed": False, "options": options,
+               "binary_dir": str(final / "qpc")}
     if run:
-        argv = [exe, *cmd[1:]]
+        from qeff_graph import progress
+
+        argv = qaic_command(build, binary_dir=build / "qpc", executable=exe, **options)
         try:
-            proc = subprocess.run(argv, stdout=stream, stderr=subprocess.STDOUT)
+            with progress.task("qaic-exec"):
+                proc = subprocess.run(argv, stdout=stream, stderr=subprocess.STDOUT)
         except OSError as exc:
-            raise QeffGraphError(f"cannot run {exe} ({exc.strerror}); the command is in {script}") from None
+            raise QeffGraphError(f"cannot run {exe} ({exc.strerror}); check the Cloud AI 100 SDK install") from None
         if proc.returncode != 0:
-            raise QeffGraphError(f"qaic-exec failed with exit code {proc.returncode}; "
-                                 f"the command is in {script}")
-        manifest["backend"]["executed"] = True
-        _write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return QaicCompileResult(out, cmd, script, bool(run), exe)
+            raise QeffGraphError(f"qaic-exec failed with exit code {proc.returncode} (its output is above); "
+                                 f"nothing was written; the command was: {shlex.join(cmd)}")
+        backend.update(executed=True, qaic_exec=exe)
+    return backend

@@ -1,0 +1,228 @@
+"""``ProgramSpec``: every option that defines a program, with its defaults and validation.
+
+One frozen object per program. It is built from CLI flags, Python keyword arguments or a
+program's manifest and checked once, in :meth:`ProgramSpec.__post_init__`: a bad value is a
+one-line :class:`~qeff_graph.errors.QeffGraphError` naming the flag and the fix, raised before
+any long work. QEfficient's backend flags are mapped here and nowhere else:
+
+=====================  =============================================  ================================
+option                 ``qaic``                                       ``ort``
+=====================  =============================================  ================================
+``mxfp6``              ``-mxfp6-matmul``                              ``weight_bits=8`` (MatMulNBits)
+``mxint8``             ``-mxint8`` + ``mxint8`` KV in custom_io.yaml  ``kv_dtype="float16"``
+``num_cores``          ``-aic-num-cores`` (default 16)                CPU threads, capped at the cores
+``device_group``       several devices → ``mdp.json``                 one device only
+``mos``, depth-first   ``-mos``, ``-aic-enable-depth-first``          an error
+=====================  =============================================  ================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+from qeff_graph.errors import QeffGraphError
+
+__all__ = ["ProgramSpec", "DEFAULTS", "BACKENDS", "KV_DTYPES", "GRAPH_FIELDS", "QAIC_FIELDS"]
+
+BACKENDS = ("ort", "qaic")
+KV_DTYPES = ("float32", "float16")
+QAIC_DEFAULT_CORES = 16
+# fields that change model.onnx (the rest only change specializations, IO precisions, backend files)
+GRAPH_FIELDS = ("kv_dtype", "weight_bits", "passes", "sliding_window", "full_batch_size")
+QAIC_FIELDS = ("num_cores", "mos", "aic_enable_depth_first", "device_group", "aic_hw_version")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """The options a program is built for. Defaults: ctx_len 128, prompt_len 32, batch 1, fp32 KV."""
+
+    ctx_len: int = 128
+    prompt_len: int = 32
+    batch_size: int = 1
+    full_batch_size: int | None = None
+    kv_dtype: str = "float32"
+    weight_bits: int | None = None
+    passes: tuple[str, ...] | None = None  # None: the default retained-kv pipeline
+    sliding_window: int | str | None = "auto"  # "auto": config.json beside the model, if < ctx_len
+    backend: str = "ort"
+    num_cores: int | None = None
+    mxfp6: bool = False
+    mxint8: bool = False
+    mos: int | None = None
+    aic_enable_depth_first: bool = False
+    device_group: tuple[int, ...] | None = None
+    aic_hw_version: str = "2.0"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__.__get__(self)  # frozen: normalize in place, once
+        for name in ("ctx_len", "prompt_len", "batch_size"):
+            _positive(name, getattr(self, name))
+        for name in ("full_batch_size", "num_cores", "mos"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.ctx_len < self.prompt_len:
+            raise QeffGraphError(f"--ctx-len ({self.ctx_len}) is smaller than --prompt-len ({self.prompt_len}); "
+                                 "the prefill chunk must fit in the cache: raise --ctx-len or lower --prompt-len")
+        if self.kv_dtype not in KV_DTYPES:
+            raise QeffGraphError(f"--kv-dtype {self.kv_dtype!r} is not supported; use float32 or float16")
+        if self.weight_bits not in (None, 4, 8):
+            raise QeffGraphError(f"--weight-bits must be 4 or 8, got {self.weight_bits!r}")
+        if self.backend not in BACKENDS:
+            raise QeffGraphError(f"unknown backend {self.backend!r}; use ort or qaic")
+        if self.sliding_window not in ("auto", None):
+            _positive("sliding_window", self.sliding_window)
+        if self.passes is not None:
+            set_("passes", _pass_names(self.passes))
+        if self.device_group is not None:
+            group = tuple(self.device_group)
+            if not group or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in group) \
+                    or len(set(group)) != len(group):
+                raise QeffGraphError(f"--device-group {list(group)}: give distinct device ids >= 0, e.g. 0,1")
+            set_("device_group", group)
+        if self.backend == "ort":
+            qaic_only = [_flag(n) for n in ("mos", "aic_enable_depth_first") if getattr(self, n)]
+            if qaic_only:
+                many = len(qaic_only) > 1
+                raise QeffGraphError(f"{' and '.join(qaic_only)} only appl{'y' if many else 'ies'} to --backend "
+                                     f"qaic; drop {'them' if many else 'it'} or compile with --backend qaic")
+            if self.device_group is not None and len(self.device_group) > 1:
+                raise QeffGraphError(f"--device-group {','.join(map(str, self.device_group))}: ONNX Runtime "
+                                     "runs on one CPU here; multi-device partitioning needs --backend qaic")
+            if self.mxint8:
+                set_("kv_dtype", "float16")
+            if self.mxfp6 and self.weight_bits is None:
+                set_("weight_bits", 8)
+        elif self.weight_bits is not None:
+            raise QeffGraphError("--weight-bits applies to --backend ort; qaic compresses weights with --mxfp6")
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        """Rows of the KV cache: ``full_batch_size`` with continuous batching, else ``batch_size``."""
+        return self.full_batch_size or self.batch_size
+
+    def pipeline(self) -> list[str]:
+        """Pass names this program is built with."""
+        from qeff_graph.passes import pipeline_names
+
+        if self.passes is not None:
+            return list(self.passes)
+        return pipeline_names(kv_dtype=self.kv_dtype, weight_bits=self.weight_bits)
+
+    def pass_options(self, sliding_window: int | None) -> dict:
+        """Constructor options handed to the passes (each takes those it knows)."""
+        options = dict(kv_dtype=self.kv_dtype, continuous_batching=bool(self.full_batch_size),
+                       sliding_window=sliding_window)
+        if self.weight_bits is not None:
+            options["weight_bits"] = self.weight_bits
+        return options
+
+    def threads(self) -> int | None:
+        """ort: ``num_cores`` as CPU threads, capped at the cores this process may use."""
+        if self.backend != "ort" or self.num_cores is None:
+            return None
+        return min(self.num_cores, len(os.sched_getaffinity(0)))
+
+    def notes(self) -> list[str]:
+        """What QEfficient's flags became on this backend (printed once by compile/infer)."""
+        notes = []
+        if self.backend == "ort" and self.mxint8:
+            notes.append("--mxint8 on ort keeps the KV cache in float16 (ONNX Runtime has no MXINT8 "
+                         "tensors; --backend qaic compiles it as MXINT8)")
+        if self.backend == "ort" and self.mxfp6:
+            notes.append(f"--mxfp6 on ort quantizes MatMul weights to {self.weight_bits}-bit blocks of 32 "
+                         "(MatMulNBits)")
+        return notes
+
+    def qaic_options(self) -> dict:
+        """Keyword arguments of :func:`qeff_graph.backends.qaic.write_qaic_files`."""
+        return dict(num_cores=self.num_cores or QAIC_DEFAULT_CORES, mxfp6=self.mxfp6, mxint8=self.mxint8,
+                    mos=self.mos, aic_enable_depth_first=self.aic_enable_depth_first,
+                    device_group=list(self.device_group) if self.device_group else None,
+                    hw_version=self.aic_hw_version)
+
+    def kv_precision(self) -> str:
+        """custom_io.yaml precision of the KV tensors."""
+        if self.backend == "qaic" and self.mxint8:
+            return "mxint8"
+        return {"float32": "float", "float16": "float16"}[self.kv_dtype]
+
+    def specializations(self) -> dict:
+        """QEfficient's specializations: prefill (seq_len=prompt_len) first, decode second."""
+        s = {k: str(v) for k, v in (("ctx_len", self.ctx_len),)}
+        if self.full_batch_size:
+            fbs = str(self.full_batch_size)
+            prefill = {"batch_size": "1", "seq_len": str(self.prompt_len), **s, "full_batch_size": fbs}
+            decode = {"batch_size": fbs, "seq_len": "1", **s, "full_batch_size": fbs}
+        else:
+            prefill = {"batch_size": str(self.batch_size), "seq_len": str(self.prompt_len), **s}
+            decode = {"batch_size": str(self.batch_size), "seq_len": "1", **s}
+        return {"specializations": [prefill, decode]}
+
+    # ---- identity ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for name in ("passes", "device_group"):
+            if d[name] is not None:
+                d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProgramSpec:
+        """A spec from a manifest's ``options`` (unknown keys are ignored: newer/older manifests)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def artifact_options(self) -> dict:
+        """The options that change the built artifact (the cache key's part of the spec).
+
+        On ort, ``mxfp6``/``mxint8`` are already folded into ``weight_bits``/``kv_dtype`` and
+        ``num_cores`` only sets runtime threads; on qaic every qaic option changes the binary.
+        """
+        d = self.to_dict()
+        if self.backend == "ort":
+            for name in ("mxfp6", "mxint8", *QAIC_FIELDS):
+                d.pop(name)
+        return d
+
+    def graph_options(self) -> dict:
+        """The options that change ``model.onnx`` itself."""
+        return {name: getattr(self, name) if name != "full_batch_size" else bool(self.full_batch_size)
+                for name in GRAPH_FIELDS}
+
+    def cache_key(self, **identity: Any) -> str:
+        """16 hex digits of SHA-256 over the artifact options and ``identity`` (source, versions)."""
+        text = json.dumps({**self.artifact_options(), **identity}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise QeffGraphError(f"{_flag(name)} must be an integer, got {value!r}")
+    if value < 1:
+        raise QeffGraphError(f"{_flag(name)} must be >= 1, got {value}")
+
+
+def _pass_names(passes: Any) -> tuple[str, ...]:
+    from qeff_graph.passes import registry
+
+    if isinstance(passes, str):
+        passes = [p.strip() for p in passes.split(",")]
+    names = tuple(passes)
+    if not names or any(not isinstance(n, str) or not n.strip() for n in names):
+        raise QeffGraphError("--passes is empty or has an empty name; give comma-separated pass names "
+                             "(`qeff-graph passes` lists them) or leave it out for the default pipeline")
+    for name in names:
+        registry.get(name)  # unknown names: one line listing the registered ones
+    return names
+
+
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ProgramSpec)}
