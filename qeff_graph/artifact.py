@@ -9,6 +9,7 @@ one line naming the file, so a cache can rebuild the entry instead of reusing it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,12 +27,52 @@ class BrokenArtifactError(QeffGraphError):
     """An artifact folder does not match its manifest (missing, truncated or changed file)."""
 
 
+_BLOCK = 1 << 24
+_ZEROS = bytes(_BLOCK)
+_DIGESTS: dict[tuple, str] = {}  # (dev, inode, size, mtime) -> sha256, for this process
+
+
 def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file. Holes of sparse files are hashed as zeros without being read, and a
+    file (same inode, size and mtime) is hashed once per process."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha256(path, st.st_size)
+    return _DIGESTS[key]
+
+
+def _sha256(path: str | os.PathLike, size: int) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        fd, pos = f.fileno(), 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+            except OSError as exc:  # ENXIO: only a hole is left; else no SEEK_DATA: read it all
+                start = end = size if exc.errno == errno.ENXIO else pos
+                end = size
+            for n in _chunks(start - pos):  # a hole reads as zeros
+                h.update(_ZEROS[:n] if n < _BLOCK else _ZEROS)
+            os.lseek(fd, start, os.SEEK_SET)
+            left = end - start
+            while left > 0:
+                n = f.readinto(view[: min(left, _BLOCK)])
+                if not n:
+                    break
+                h.update(view[:n])
+                left -= n
+            pos = end
     return h.hexdigest()
+
+
+def _chunks(n: int):
+    while n > 0:
+        yield min(n, _BLOCK)
+        n -= _BLOCK
 
 
 def file_table(directory: str | os.PathLike, *, exclude: tuple[str, ...] = (),

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-__all__ = ["say", "task", "bar", "checkpoint", "quiet", "is_enabled", "logger", "StderrHandler"]
+__all__ = ["say", "task", "bar", "checkpoint", "quiet", "is_enabled", "on_terminal", "logger", "StderrHandler"]
 
 logger = logging.getLogger("qeff_graph.progress")
 _state = threading.local()
@@ -42,6 +42,11 @@ def quiet(on: bool = True) -> Iterator[None]:
         yield
     finally:
         _state.quiet = old
+
+
+def on_terminal() -> bool:
+    """True when progress shows as live bars (stderr is a terminal and the channel is on)."""
+    return is_enabled() and _tty()
 
 
 def _tty() -> bool:

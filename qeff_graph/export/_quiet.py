@@ -53,6 +53,17 @@ def quiet(*, capture_stdout: bool = True, progress_bars: bool = True) -> Iterato
             tf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - transformers missing/changed
         tf_logging = None
+    gguf_module, gguf_tqdm = None, None
+    if not progress_bars:  # the GGUF de-quantization bar is plain tqdm, outside transformers' switch
+        try:
+            import functools
+
+            import transformers.modeling_gguf_pytorch_utils as gguf_module
+
+            gguf_tqdm = gguf_module.tqdm
+            gguf_module.tqdm = functools.partial(gguf_tqdm, disable=True)
+        except (ImportError, AttributeError):  # pragma: no cover - transformers changed
+            gguf_module = None
     buf = io.StringIO()
     try:
         with warnings.catch_warnings():
@@ -63,6 +74,8 @@ def quiet(*, capture_stdout: bool = True, progress_bars: bool = True) -> Iterato
             else:
                 yield buf
     finally:
+        if gguf_module is not None:
+            gguf_module.tqdm = gguf_tqdm
         for name, level in saved_levels.items():
             logging.getLogger(name).setLevel(level)
         if tf_logging is not None:

@@ -251,7 +251,7 @@ def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, 
         _progress.checkpoint("export:load")
         with _progress.task(f"export: loading {source}"):
             model, tok = load_hf_causal_lm(model_or_path, gguf_file=gguf_file, hf_token=hf_token,
-                                           cache_dir=cache_dir, progress=_progress.is_enabled(),
+                                           cache_dir=cache_dir, progress=_progress.on_terminal(),
                                            trust_remote_code=trust_remote_code)
         tokenizer = tokenizer if tokenizer is not None else tok
     else:

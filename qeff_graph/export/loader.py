@@ -289,9 +289,9 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = N
         model.eval()
         model.requires_grad_(False)
         tokenizer = _load_tokenizer(src, gguf, is_local, common)
-    if progress:
-        from qeff_graph import progress as _progress
+    from qeff_graph import progress as _progress
 
+    if _progress.is_enabled():
         _progress.say(f"export: loaded {type(model).__name__} "
                       f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
                       f"attention={getattr(model.config, '_attn_implementation', '?')})"

@@ -125,7 +125,8 @@ class QEFFAutoModelForCausalLM:
             info = read_json(self.export_path / "export.json", "export manifest")
             return KVGeometry(info["num_layers"], info["num_kv_heads"], info["head_dim"], info["vocab_size"])
         except (QeffGraphError, KeyError):
-            return model_geometry(self.source, self.gguf_file, trust_remote_code=self.trust_remote_code)
+            with _progress.task("compile: reading the model config (KV cache size check)"):
+                return model_geometry(self.source, self.gguf_file, trust_remote_code=self.trust_remote_code)
 
     def compile(self, prefill_seq_len: int | None = None, ctx_len: int | None = None,
                 batch_size: int | None = None, full_batch_size: int | None = None,
@@ -174,8 +175,10 @@ class QEFFAutoModelForCausalLM:
         target = cache.program_dir(self.slug, spec.backend, spec.cache_key(**self.identity), self.cache_dir)
 
         def build():
-            _progress.say(f"compile: building {target.name} for {spec.backend}")
-            return build_program(onnx_path, spec, target, model_name=self.identity["model"],
+            twin = _graph_twin(target.parent, onnx_path, spec)
+            _progress.say(f"compile: building {target.name} for {spec.backend}"
+                          + (f" (graph shared with {twin.name})" if twin else ""))
+            return build_program(twin or onnx_path, spec, target, model_name=self.identity["model"],
                                  hardlink_data=True, cache_entry=True)
 
         return reuse_or_build(target, "compile", lambda p: Program.open(p, hashes=self.verify_cache), build,
@@ -209,6 +212,31 @@ class QEFFAutoModelForCausalLM:
                              generation_len=generation_len, stream=stream,
                              threads=threads or self.spec.threads(), chat_template=chat_template,
                              write_io_dir=write_io_dir)
+
+
+def _graph_twin(programs: Path, onnx_path: Path, spec) -> Path | None:
+    """A cached program of the same export whose graph ``spec`` can share (same graph options:
+    only shapes or backend options differ), so its graph and weight files are hard-linked
+    instead of rebuilt (a quantized graph is built once for every batch / ctx_len)."""
+    from qeff_graph.artifact import read_json
+    from qeff_graph.program import MANIFEST, Program, ProgramSpec
+
+    want = {k: v for k, v in spec.graph_options().items() if k != "sliding_window"}
+    source = str(onnx_path.resolve())
+    for candidate in sorted(programs.glob("*-*")) if programs.is_dir() else ():
+        try:
+            manifest = read_json(candidate / MANIFEST, "program manifest")
+            options = ProgramSpec.from_dict(manifest["options"]).graph_options()
+        except (QeffGraphError, KeyError, TypeError):
+            continue
+        options.pop("sliding_window")
+        if options == want and manifest.get("source", {}).get("path") == source:
+            try:
+                Program.open(candidate)  # a damaged twin is no source
+            except QeffGraphError:
+                continue
+            return candidate
+    return None
 
 
 def generate_text(program, tokenizer, prompts: list[str] | str, *, generation_len: int | None = None,

@@ -36,7 +36,7 @@ from qeff_graph import __version__, progress
 from qeff_graph import ir as qir
 from qeff_graph.artifact import BrokenArtifactError, check_files, file_sha256, file_table, read_json
 from qeff_graph.errors import QeffGraphError
-from qeff_graph.fs import AtomicDir, clone_file, link_or_clone
+from qeff_graph.fs import AtomicDir, link_or_clone
 from qeff_graph.program.spec import ProgramSpec
 
 __all__ = ["MANIFEST", "Program", "Source", "build_program", "check_output_dir", "config_sliding_window",
@@ -207,7 +207,7 @@ def _narrow_modes(directory: Path, cap: int, skip: set[str]) -> None:
                 os.chmod(path, mode & (cap | 0o111))
 
 
-def _dump_names(spec: ProgramSpec, names: list[str], dump_before: Sequence[str], dump_after: Sequence[str]) -> None:
+def _dump_names(names: list[str], dump_before: Sequence[str], dump_after: Sequence[str]) -> None:
     unknown = [n for n in (*dump_before, *dump_after) if n not in names]
     if unknown:
         raise QeffGraphError(f"--dump-before/--dump-after {', '.join(unknown)}: not a pass of this pipeline "
@@ -255,7 +255,7 @@ def _from_onnx(src: Source, spec: ProgramSpec, out: Path, *, model_name, hardlin
               else spec.sliding_window)
     spec = dataclasses.replace(spec, sliding_window=window)
     names = spec.pipeline()
-    _dump_names(spec, names, dump_before, dump_after)
+    _dump_names(names, dump_before, dump_after)
     from qeff_graph.passes import PassManager, build_pipeline
 
     # unknown passes and bad pass options fail here, before the model is read
@@ -287,13 +287,17 @@ def _from_onnx(src: Source, spec: ProgramSpec, out: Path, *, model_name, hardlin
 
     def write_graph(tmp: Path) -> tuple[dict, set[str]]:
         placed = qir.write_model_files(graph, tmp, hardlink=hardlink_data)
+        # a placed weight file has its source's hash: from the source's manifest, else hashed once
         known = _source_hashes(src.onnx.parent)
-        hints = {dst: known[Path(s).name] for dst, (s, _) in placed.items()
-                 if Path(s).parent.resolve() == src.onnx.parent.resolve() and Path(s).name in known}
+        here = src.onnx.resolve().parent
+        hints = {dst: known.get(Path(s).name) if Path(s).resolve().parent == here else None
+                 for dst, (s, _) in placed.items()}
+        hints = {dst: hints[dst] or {"size": os.path.getsize(s), "sha256": file_sha256(s)}
+                 for dst, (s, _) in placed.items()}
         return hints, {dst for dst, (_, how) in placed.items() if how == "hardlink"}
 
-    return _write_program(out, spec, manifest, write_graph, side_dir=src.side_dir,
-                          mode_cap=_mode_cap(src.onnx), started=started, action="optimized")
+    return _write_program(out, spec, manifest, write_graph, side_dir=src.side_dir, mode_cap=_mode_cap(src.onnx),
+                          started=started, action="optimized", hardlink=hardlink_data)
 
 
 def _from_program(src: Source, spec: ProgramSpec, out: Path, **build) -> Program:
@@ -301,11 +305,12 @@ def _from_program(src: Source, spec: ProgramSpec, out: Path, **build) -> Program
     from the export it was made from (which must still be there, unchanged)."""
     started = time.perf_counter()
     program = src.program
+    check_files(program.path, program.manifest.get("files"))  # a damaged program is no source
     old = program.spec
     window = old.sliding_window if spec.sliding_window == "auto" and old.ctx_len == spec.ctx_len \
         else spec.sliding_window
-    if window == "auto":
-        window = config_sliding_window(Path(program.manifest["source"]["path"]).parent, spec.ctx_len)
+    if window == "auto":  # the program carries the model's config.json
+        window = config_sliding_window(program.path, spec.ctx_len)
     want = dataclasses.replace(spec, sliding_window=window)
     same_dir = out.exists() and out.resolve() == program.path.resolve()
     if want.artifact_options() == old.artifact_options() and same_dir:
@@ -325,7 +330,6 @@ def _from_program(src: Source, spec: ProgramSpec, out: Path, **build) -> Program
         result = _from_onnx(Source(original, side_dir), spec, out, **build)
         result.action = "re-optimized"
         return result
-    check_files(program.path, program.manifest.get("files"))
     manifest = {k: v for k, v in program.manifest.items() if k not in ("files", "backend", "seconds")}
     manifest.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), version=__version__,
                     options=want.to_dict(),
@@ -340,12 +344,14 @@ def _from_program(src: Source, spec: ProgramSpec, out: Path, **build) -> Program
         return {n: program.manifest["files"][n] for n in graph_files}, linked
 
     return _write_program(out, want, manifest, write_graph, side_dir=program.path,
-                          mode_cap=_mode_cap(program.onnx_path), started=started, action="copied")
+                          mode_cap=_mode_cap(program.onnx_path), started=started, action="copied",
+                          hardlink=build["hardlink_data"])
 
 
 def _write_program(out: Path, spec: ProgramSpec, manifest: dict, write_graph, *, side_dir: Path,
-                   mode_cap: int, started: float, action: str) -> Program:
-    """The one atomic write of a whole program folder."""
+                   mode_cap: int, started: float, action: str, hardlink: bool) -> Program:
+    """The one atomic write of a whole program folder. ``hardlink``: weight and side files are
+    hard-linked from the source where possible (cache entries), else cloned."""
     dir_mode = None if mode_cap & 0o044 else 0o700
     with progress.task(f"writing {out}"), AtomicDir(out, mode=dir_mode, label="program") as tmp:
         progress.checkpoint("program:write")
@@ -355,8 +361,8 @@ def _write_program(out: Path, spec: ProgramSpec, manifest: dict, write_graph, *,
                                                            sort_keys=False))
         progress.checkpoint("program:side-files")
         for f in _side_files(side_dir):
-            if not (tmp / f.name).exists():
-                clone_file(f, tmp / f.name)
+            if not (tmp / f.name).exists() and link_or_clone(f, tmp / f.name, hardlink=hardlink) == "hardlink":
+                linked.add(f.name)
         manifest["backend"] = _backend_files(tmp, out, spec)
         _narrow_modes(tmp, mode_cap, linked)
         progress.checkpoint("program:manifest")

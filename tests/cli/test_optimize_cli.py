@@ -160,3 +160,13 @@ def test_console_script_exit_code(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_verify_writes_nothing_outside_the_output(tmp_path, monkeypatch, capsys):
+    """--verify (and a failing pass's dump) never writes into the current folder."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["optimize", str(LLAMA), "-o", str(tmp_path / "p"), "--verify", "ort", "-q"]) == 0
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "p"]

@@ -157,7 +157,7 @@ def test_device_group_of_two_on_ort_is_an_error(capsys):
 
 def test_cache_variants_share_the_weights(smollm2_infer):
     """A second ctx_len / batch variant of SmolLM2 in the cache costs < 5% of the first on disk:
-    its weight file is a hard link to the export's (checked on reuse like any cached file)."""
+    its weight, graph and tokenizer files are hard links (checked on reuse like any cached file)."""
     import os
 
     from qeff_graph.models import QEFFAutoModelForCausalLM
@@ -172,9 +172,31 @@ def test_cache_variants_share_the_weights(smollm2_infer):
         return sum(p.stat().st_blocks * 512 for p in path.iterdir()
                    if p.is_file() and (p.stat().st_dev, p.stat().st_ino) not in exclude)
 
-    export_files = {(p.stat().st_dev, p.stat().st_ino) for p in model.onnx_path.parent.iterdir()}
+    shared = {(p.stat().st_dev, p.stat().st_ino) for d in (model.onnx_path.parent, first) for p in d.iterdir()}
     whole = blocks(first, set())
-    own = blocks(second, export_files)
+    own = blocks(second, shared)  # the variant's graph and weights are links to the first's
     print(f"SmolLM2 program: {whole / 1e6:.1f} MB; a second variant adds {own / 1e6:.2f} MB")
     assert own < 0.05 * whole, (own, whole)
     assert os.path.samefile(second / "model.onnx.data", model.onnx_path.parent / "model.onnx.data")
+
+
+def test_readme_compile_execute_example(smollm2_export, smollm2_hf, tmp_path):
+    """The README's worked `export → compile → execute` (the export is the session's): the
+    program carries the tokenizer, execute streams each prompt under its header, HF's tokens."""
+    from transformers import AutoTokenizer
+
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    prog = tmp_path / "smollm2-prog"
+    rc, _, _, err = run_cli(["compile", str(smollm2_export[2].out_dir), "-o", str(prog), "--ctx-len", "256",
+                             "--prompt-len", "16", "--batch-size", "2", "-q"])
+    assert rc == 0, err
+    out_json = tmp_path / "out.json"
+    rc, _, stdout, err = run_cli(["execute", "--qpc-path", str(prog), "--prompt", "|".join(prompts),
+                                  "--generation-len", "24", "--stream", "--output-json", str(out_json)])
+    assert rc == 0, err
+    result = json.loads(out_json.read_text())
+    tok = AutoTokenizer.from_pretrained(prog)
+    for prompt, ids in zip(prompts, result["generated_ids"]):
+        assert ids == smollm2_hf(tok(prompt)["input_ids"], 24, tok.eos_token_id)[0], prompt
+    streamed = "".join(f"=== prompt: {p!r}\n{t}\n" for p, t in zip(prompts, result["generated_texts"]))
+    assert stdout.split("TTFT:")[0] == streamed

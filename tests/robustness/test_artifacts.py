@@ -244,8 +244,17 @@ def test_variants_share_the_export_weights(tmp_path, monkeypatch):
     assert data.stat().st_nlink == 3
     fp32 = model.generate(prompts=["a b"], generation_len=4).generated_ids[0]
     # matmul-nbits reads the weights through the hard-linked file (onnx would refuse it)
-    model.compile(prefill_seq_len=4, ctx_len=64, batch_size=2, mxfp6_matmul=True)
-    assert model.generate(prompts=["a b"], generation_len=4).generated_ids[0][0] == fp32[0]
+    q1 = model.compile(prefill_seq_len=4, ctx_len=64, batch_size=2, mxfp6_matmul=True)
+    int8 = model.generate(prompts=["a b"], generation_len=4).generated_ids[0]
+    assert int8[0] == fp32[0]
+    # a quantized graph is built once: another shape of it links the first one's files
+    q2 = model.compile(prefill_seq_len=4, ctx_len=32, mxfp6_matmul=True)
+    graph_files = sorted(p.name for p in q1.iterdir() if p.name.startswith("model.onnx"))
+    assert graph_files and sorted(p.name for p in q2.iterdir() if p.name.startswith("model.onnx")) == graph_files
+    for name in graph_files:
+        assert os.path.samefile(q1 / name, q2 / name), name
+        assert not os.path.samefile(q2 / name, data)
+    assert model.generate(prompts=["a b"], generation_len=4).generated_ids[0] == int8
 
 
 def test_qeff_home_is_a_file(tmp_path, monkeypatch, capsys):

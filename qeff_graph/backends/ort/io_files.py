@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qeff_graph.fs import write_atomic
+
 __all__ = ["IOFileWriter", "IO_INDEX"]
 
 IO_INDEX = "aic_batch_io.json"
@@ -42,10 +44,8 @@ class IOFileWriter:
                 if name.startswith("past_"):  # retained state: stays on the device
                     continue
                 array = np.ascontiguousarray(array)
-                array.tofile(sub / f"{name}.raw")
+                write_atomic(sub / f"{name}.raw", array.tobytes())
                 specs.append({"path": f"{phase}/{name}.raw", "io-direction": direction,
                               "dims": list(array.shape), "elem-size": array.itemsize, "map-to": name})
         self.written[phase] = specs
-        tmp = self.directory / f".{IO_INDEX}.tmp"
-        tmp.write_text(json.dumps({"IO-files": list(self.written.values())}, indent=1) + "\n")
-        os.replace(tmp, self.directory / IO_INDEX)
+        write_atomic(self.directory / IO_INDEX, json.dumps({"IO-files": list(self.written.values())}, indent=1) + "\n")
