@@ -116,8 +116,8 @@ def check_files(directory: str | os.PathLike, files: dict, *, hashes: bool = Fal
     """Raise :class:`BrokenArtifactError` naming the first file that differs from ``files``."""
     directory = Path(directory)
     if not isinstance(files, dict) or not files:
-        raise BrokenArtifactError(f"{directory}: its manifest lists no files (made by an older "
-                                  "qeff-graph or damaged)")
+        raise BrokenArtifactError(f"{directory}: its manifest lists no files (made by an older qeff-graph or "
+                                  "damaged); rebuild it from its export (`qeff-graph compile EXPORT -o DIR`)")
     for name, entry in sorted(files.items()):
         path = directory / name
         try:

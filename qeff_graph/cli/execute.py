@@ -49,6 +49,9 @@ def run(args) -> int:
     check_run_outputs(args)
     program = Program.open(args.qpc_path, hashes=args.verify_cache)
     spec = program.spec
+    if spec.kind != "causal-lm":
+        raise QeffGraphError(f"{args.qpc_path} is an {spec.kind} program; embed texts with `qeff-graph embed` "
+                             "(execute runs causal-LM programs)")
     if spec.backend != "ort":
         raise QeffGraphError(f"{args.qpc_path} was compiled for --backend {spec.backend}; execute runs --backend "
                              "ort programs (compile it again with --backend ort)")

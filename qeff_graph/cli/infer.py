@@ -80,7 +80,7 @@ def run(args) -> int:
         trust_remote_code=args.trust_remote_code)
     model.compile_spec(spec)
     if spec.backend == "qaic":
-        _stop_after_qaic_compile(model.program)
+        stop_after_qaic_compile(model.program)
     out = model.generate(prompts=prompts, generation_len=args.generation_len, stream=args.stream,
                          threads=args.threads, chat_template=args.chat_template,
                          write_io_dir=args.write_io_dir)
@@ -90,7 +90,7 @@ def run(args) -> int:
     return 0
 
 
-def _stop_after_qaic_compile(program) -> None:
+def stop_after_qaic_compile(program) -> None:
     """infer --backend qaic: the program is compiled (or its command written); it cannot run here."""
     from qeff_graph.errors import QeffGraphError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 __all__ = ["HelpFormatter", "add", "add_compression_options", "add_program_options", "add_qaic_options",
            "add_run_options", "check_run_outputs", "device_group", "positive_int", "positive_ints",
-           "spec_options", "read_prompts", "SPEC_ARGS"]
+           "spec_options", "read_prompts", "read_texts", "SPEC_ARGS"]
 
 # argparse dests that are ProgramSpec fields
 SPEC_ARGS = ("ctx_len", "prompt_len", "batch_size", "full_batch_size", "kv_dtype", "weight_bits", "passes",
@@ -150,27 +150,35 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def read_prompts(prompt: str | None, path: str | None) -> list[str]:
     """``--prompt`` (``|``-separated) or ``--prompts-txt-file-path`` (one per line); one-line errors."""
+    return read_texts(prompt, path, what="prompt", default=DEFAULT_PROMPT)
+
+
+def read_texts(text: str | None, path: str | None, *, what: str, default: str | None = None) -> list[str]:
+    """Texts from a ``|``-separated flag or a UTF-8 file with one per line; one-line errors for a
+    missing, binary or empty file and for empty texts (``what`` names them: prompt, text)."""
     from qeff_graph.errors import QeffGraphError
 
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise QeffGraphError(f"prompts file {path} does not exist; pass a text file with one prompt per line")
+            raise QeffGraphError(f"{what}s file {path} does not exist; pass a text file with one {what} per line")
         try:
-            text = file.read_bytes().decode("utf-8")
+            content = file.read_bytes().decode("utf-8")
         except UnicodeDecodeError:
-            raise QeffGraphError(f"prompts file {path} is not UTF-8 text; pass a text file with one prompt "
+            raise QeffGraphError(f"{what}s file {path} is not UTF-8 text; pass a text file with one {what} "
                                  "per line") from None
-        if "\0" in text:
-            raise QeffGraphError(f"prompts file {path} is binary (it holds NUL bytes); pass a text file")
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise QeffGraphError(f"prompts file {path} has no prompts; put one prompt per line")
-        return prompts
-    prompts = (DEFAULT_PROMPT if prompt is None else prompt).split("|")
-    if any(not s.strip() for s in prompts):
-        raise QeffGraphError("empty prompt; give non-empty text (prompts are separated by `|`)")
-    return prompts
+        if "\0" in content:
+            raise QeffGraphError(f"{what}s file {path} is binary (it holds NUL bytes); pass a text file")
+        texts = [line.strip() for line in content.splitlines() if line.strip()]
+        if not texts:
+            raise QeffGraphError(f"{what}s file {path} has no {what}s; put one {what} per line")
+        return texts
+    if text is None and default is None:
+        raise QeffGraphError(f"no {what} given; pass --{what} \"...\" or a {what}s file")
+    texts = (default if text is None else text).split("|")
+    if any(not s.strip() for s in texts):
+        raise QeffGraphError(f"empty {what}; give non-empty text ({what}s are separated by `|`)")
+    return texts
 
 
 def check_run_outputs(args: argparse.Namespace) -> None:

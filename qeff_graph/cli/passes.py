@@ -23,7 +23,9 @@ def run(args) -> int:
         if args.verbose_doc:
             body = inspect.getdoc(registry.get(name)) or ""
             print("\n".join("    " + line for line in body.splitlines()[1:]).rstrip() + "\n")
+    notes = {"retained-kv": "fp16-clamp only with --kv-dtype float16; matmul-nbits only with --mxfp6 / "
+                            "--weight-bits",
+             "encoder": "pooling only with a pooling mode"}
     for pipeline, names in PIPELINES.items():
-        print(f"\npipeline {pipeline}: " + " -> ".join(names) +
-              " (fp16-clamp only with --kv-dtype float16; matmul-nbits only with --mxfp6 / --weight-bits)")
+        print(f"\npipeline {pipeline}: " + " -> ".join(names) + f" ({notes.get(pipeline, '')})")
     return 0

@@ -10,8 +10,9 @@ This is the only package that imports torch, and it does so lazily (inside the f
 
 from __future__ import annotations
 
+from .encoder import export_encoder
 from .exporter import DEFAULT_OPSET, EXPORTERS, ONNX_FILENAME, ExportResult, export_causal_lm
-from .loader import default_model_path, load_hf_causal_lm
+from .loader import default_encoder_path, default_model_path, load_hf_causal_lm, load_hf_encoder
 
-__all__ = ["export_causal_lm", "load_hf_causal_lm", "ExportResult", "default_model_path",
-           "EXPORTERS", "DEFAULT_OPSET", "ONNX_FILENAME"]
+__all__ = ["export_causal_lm", "export_encoder", "load_hf_causal_lm", "load_hf_encoder", "ExportResult",
+           "default_encoder_path", "default_model_path", "EXPORTERS", "DEFAULT_OPSET", "ONNX_FILENAME"]

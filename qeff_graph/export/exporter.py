@@ -72,11 +72,10 @@ class ExportResult:
         """The result of an earlier export, from its ``export.json``, after checking the folder
         against the file table there (sizes; hashes of small files, of all with ``hashes``).
         Raises :class:`qeff_graph.artifact.BrokenArtifactError` naming what differs."""
-        from qeff_graph.artifact import BrokenArtifactError, check_files, read_json
+        from qeff_graph.artifact import BrokenArtifactError, read_json
 
         out_dir = Path(out_dir)
-        info = read_json(out_dir / "export.json", "export manifest")
-        check_files(out_dir, info.get("files"), hashes=hashes)
+        info = read_export(out_dir, hashes=hashes)
         try:
             config = read_json(out_dir / "config.json", "model config")
         except BrokenArtifactError:
@@ -89,6 +88,16 @@ class ExportResult:
             num_kv_heads=info["num_kv_heads"], head_dim=info["head_dim"],
             vocab_size=info["vocab_size"], external_data=info["external_data"],
             input_names=info["inputs"], output_names=info["outputs"], timings=info["timings"])
+
+
+def read_export(out_dir: str | os.PathLike, *, hashes: bool = False) -> dict:
+    """An export's ``export.json`` after checking the folder against its file table (sizes;
+    hashes of small files, of all with ``hashes``); raises ``BrokenArtifactError``."""
+    from qeff_graph.artifact import check_files, read_json
+
+    info = read_json(Path(out_dir) / "export.json", "export manifest")
+    check_files(out_dir, info.get("files"), hashes=hashes)
+    return info
 
 
 def _is_causal_lm(model: Any) -> bool:
@@ -172,6 +181,26 @@ def check_export_dir(out_dir: Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "export.json").is_file():
         raise QeffGraphError(f"{out_dir} is not empty and is not a qeff-graph export; choose a new or empty "
                              "folder (nothing was changed)")
+
+
+def save_config_and_tokenizer(model, tokenizer, directory: Path) -> bool:
+    """Save the model's config (+ generation config) and the tokenizer; True if a tokenizer was saved."""
+    with quiet(capture_stdout=False):
+        model.config.save_pretrained(directory)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(directory)
+            except Exception:  # noqa: BLE001 - an invalid generation config is not fatal
+                pass
+        if tokenizer is None:
+            return False
+        try:
+            tokenizer.save_pretrained(directory)
+            return True
+        except Exception as e:  # noqa: BLE001
+            _progress.say(f"export: warning: tokenizer not saved ({_one_line(e)})")
+            return False
 
 
 def _torch_export(wrapper, args, onnx_path: Path, exporter: str, opset: int,
@@ -309,21 +338,7 @@ def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, 
         # -- save ---------------------------------------------------------------------------
         t2 = time.perf_counter()
         _progress.checkpoint("export:write")
-        with quiet(capture_stdout=False):
-            model.config.save_pretrained(tmp)
-            gen = getattr(model, "generation_config", None)
-            if gen is not None:
-                try:
-                    gen.save_pretrained(tmp)
-                except Exception:  # noqa: BLE001 - an invalid generation config is not fatal
-                    pass
-            tokenizer_saved = False
-            if tokenizer is not None:
-                try:
-                    tokenizer.save_pretrained(tmp)
-                    tokenizer_saved = True
-                except Exception as e:  # noqa: BLE001
-                    _progress.say(f"export: warning: tokenizer not saved ({_one_line(e)})")
+        tokenizer_saved = save_config_and_tokenizer(model, tokenizer, tmp)
         timings["save"] = time.perf_counter() - t2
         seconds = time.perf_counter() - t0
         timings = {k: round(v, 3) for k, v in timings.items()}

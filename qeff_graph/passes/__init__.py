@@ -13,6 +13,7 @@ from qeff_graph.passes.last_token_logits import LastTokenLogits
 from qeff_graph.passes.manager import PassManager
 from qeff_graph.passes.matmul_nbits import MatMulNBits
 from qeff_graph.passes.past_shape import PastShape
+from qeff_graph.passes.pooling import Pooling
 from qeff_graph.passes.pipelines import PIPELINES, build_pipeline, pipeline_names
 from qeff_graph.passes.position_mask import PositionMask
 
@@ -26,6 +27,7 @@ __all__ = [
     "MatMulNBits",
     "PassManager",
     "PastShape",
+    "Pooling",
     "PositionMask",
     "build_pipeline",
     "pipeline_names",

@@ -6,6 +6,10 @@ retained-state contract of DESIGN.md::
     past-shape → position-mask → kv-retention → last-token-logits
         → custom-rmsnorm → [fp16-clamp when the cache is float16]
         → [matmul-nbits with weight_bits] → cleanup
+
+``encoder`` (``qeff-graph embed``, ``QEFFAutoModel``) prepares an encoder export::
+
+    [pooling when a pooling mode is set] → fp16-clamp → cleanup
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ PIPELINES: dict[str, list[str]] = {
         "matmul-nbits",
         "cleanup",
     ],
+    "encoder": ["pooling", "fp16-clamp", "cleanup"],
 }
 
 
 def pipeline_names(name: str = "retained-kv", *, kv_dtype: str = "float32",
-                   weight_bits: int | None = None) -> list[str]:
+                   weight_bits: int | None = None, pooling: str | None = None) -> list[str]:
     """The passes of pipeline ``name``; the optional ones only when their option asks for them."""
     names = list(PIPELINES[name])
+    if name == "encoder":
+        return names if pooling else [n for n in names if n != "pooling"]
     if kv_dtype != "float16" and "fp16-clamp" in names:
         names.remove("fp16-clamp")
     if weight_bits is None and "matmul-nbits" in names:

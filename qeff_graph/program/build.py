@@ -207,6 +207,19 @@ def _narrow_modes(directory: Path, cap: int, skip: set[str]) -> None:
                 os.chmod(path, mode & (cap | 0o111))
 
 
+def _check_encoder_graph(graph: ir.Model, path: Path) -> None:
+    """An encoder export: inputs input_ids and attention_mask, output last_hidden_state, no cache."""
+    inputs = {v.name for v in graph.graph.inputs}
+    outputs = {v.name for v in graph.graph.outputs}
+    if any(n.startswith(("past_key", "past_value")) for n in inputs):
+        raise QeffGraphError(f"{path} has a KV cache: it is a causal LM, not an encoder; run it with "
+                             "`qeff-graph infer` / `optimize`")
+    if not {"input_ids", "attention_mask"} <= inputs or "last_hidden_state" not in outputs:
+        raise QeffGraphError(f"{path} is not an encoder export (inputs {sorted(inputs)}, outputs {sorted(outputs)}; "
+                             "expected input_ids, attention_mask -> last_hidden_state); export it with "
+                             "`qeff-graph embed` / QEFFAutoModel")
+
+
 def _dump_names(names: list[str], dump_before: Sequence[str], dump_after: Sequence[str]) -> None:
     unknown = [n for n in (*dump_before, *dump_after) if n not in names]
     if unknown:
@@ -251,8 +264,11 @@ def _from_onnx(src: Source, spec: ProgramSpec, out: Path, *, model_name, hardlin
     started = time.perf_counter()
     if not cache_entry:
         check_output_dir(out, src)
-    window = (config_sliding_window(src.onnx.parent, spec.ctx_len) if spec.sliding_window == "auto"
-              else spec.sliding_window)
+    if spec.kind == "encoder":
+        window = None
+    else:
+        window = (config_sliding_window(src.onnx.parent, spec.ctx_len) if spec.sliding_window == "auto"
+                  else spec.sliding_window)
     spec = dataclasses.replace(spec, sliding_window=window)
     names = spec.pipeline()
     _dump_names(names, dump_before, dump_after)
@@ -264,10 +280,13 @@ def _from_onnx(src: Source, spec: ProgramSpec, out: Path, *, model_name, hardlin
                           dump_before=dump_before, dump_after=dump_after, progress=True)
     progress.checkpoint("program:load")
     graph = qir.load(src.onnx)
-    kv = qir.find_kv_cache(graph)  # says clearly when there is no KV cache
-    if kv.retained:
-        raise QeffGraphError(f"{src.onnx} is already a retained-state program (optimized); pass the original "
-                             "export, or `qeff-graph compile PROGRAM_DIR -o DIR` to rebuild it with other options")
+    if spec.kind == "encoder":
+        _check_encoder_graph(graph, src.onnx)
+    else:
+        kv = qir.find_kv_cache(graph)  # says clearly when there is no KV cache
+        if kv.retained:
+            raise QeffGraphError(f"{src.onnx} is already a retained-state program (optimized); pass the original "
+                                 "export, or `qeff-graph compile PROGRAM_DIR -o DIR` to rebuild it with other options")
     progress.checkpoint("program:passes")
     graph = manager(graph).model
     io = _io_contract(graph)
@@ -279,7 +298,7 @@ def _from_onnx(src: Source, spec: ProgramSpec, out: Path, *, model_name, hardlin
         "source": {"path": str(src.onnx.resolve()), "sha256": file_sha256(src.onnx),
                    "kv_form": "dynamic"},
         "options": spec.to_dict(),
-        "kv_cache": qir.find_kv_cache(graph).summary(),
+        "kv_cache": qir.find_kv_cache(graph).summary() if spec.kind == "causal-lm" else None,
         "io": io,
         "pipeline": manager.log,
         "weight_bytes": qir.weight_bytes(graph),

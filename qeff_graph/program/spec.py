@@ -26,23 +26,35 @@ from typing import Any
 
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["ProgramSpec", "DEFAULTS", "BACKENDS", "KV_DTYPES", "GRAPH_FIELDS", "QAIC_FIELDS"]
+__all__ = ["ProgramSpec", "DEFAULTS", "BACKENDS", "KINDS", "KV_DTYPES", "GRAPH_FIELDS", "QAIC_FIELDS",
+           "ENCODER_SEQ_LEN"]
 
 BACKENDS = ("ort", "qaic")
+KINDS = ("causal-lm", "encoder")
 KV_DTYPES = ("float32", "float16")
 QAIC_DEFAULT_CORES = 16
+ENCODER_SEQ_LEN = 128  # the encoder's seq_len specialization when none is given
 # fields that change model.onnx (the rest only change specializations, IO precisions, backend files)
-GRAPH_FIELDS = ("kv_dtype", "weight_bits", "passes", "sliding_window", "full_batch_size")
+GRAPH_FIELDS = ("kind", "kv_dtype", "weight_bits", "passes", "sliding_window", "full_batch_size", "pooling",
+                "normalize")
+# causal-LM options an encoder program must leave at their defaults
+_CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "weight_bits", "mxint8")
 QAIC_FIELDS = ("num_cores", "mos", "aic_enable_depth_first", "device_group", "aic_hw_version")
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + {"seq_lens": "seq_len"}.get(name, name).replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
-    """The options a program is built for. Defaults: ctx_len 128, prompt_len 32, batch 1, fp32 KV."""
+    """The options a program is built for. Defaults: ctx_len 128, prompt_len 32, batch 1, fp32 KV.
+
+    ``kind="encoder"`` (embedding models): ``seq_lens`` are the sequence-length
+    specializations (default 128; the runtime pads a batch to the smallest that fits),
+    ``pooling`` (mean | cls | max) and ``normalize`` append sentence-embedding pooling; the
+    causal-LM options (ctx_len, prompt_len, KV cache, full batch, weight bits) do not apply.
+    """
 
     ctx_len: int = 128
     prompt_len: int = 32
@@ -60,9 +72,16 @@ class ProgramSpec:
     aic_enable_depth_first: bool = False
     device_group: tuple[int, ...] | None = None
     aic_hw_version: str = "2.0"
+    kind: str = "causal-lm"
+    seq_lens: tuple[int, ...] | None = None
+    pooling: str | None = None
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__.__get__(self)  # frozen: normalize in place, once
+        if self.kind not in KINDS:
+            raise QeffGraphError(f"unknown program kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        self._check_kind(set_)
         for name in ("ctx_len", "prompt_len", "batch_size"):
             _positive(name, getattr(self, name))
         for name in ("full_batch_size", "num_cores", "mos"):
@@ -103,6 +122,38 @@ class ProgramSpec:
         elif self.weight_bits is not None:
             raise QeffGraphError("--weight-bits applies to --backend ort; qaic compresses weights with --mxfp6")
 
+    def _check_kind(self, set_) -> None:
+        from qeff_graph.passes.pooling import POOLING_MODES
+
+        if self.kind == "causal-lm":
+            given = [_flag(n) for n in ("seq_lens", "pooling") if getattr(self, n) is not None]
+            if given or self.normalize:
+                flags = given + (["--normalize"] if self.normalize else [])
+                raise QeffGraphError(f"{', '.join(flags)} appl{'y' if len(flags) > 1 else 'ies'} to encoder "
+                                     "(embedding) programs; use `qeff-graph embed`")
+            return
+        fields = {f.name: f.default for f in dataclasses.fields(self)}
+        causal = [_flag(n) for n in _CAUSAL_ONLY if getattr(self, n) != fields[n]]
+        if causal:
+            raise QeffGraphError(f"{', '.join(causal)} appl{'y' if len(causal) > 1 else 'ies'} to causal-LM "
+                                 "programs, not to an encoder; drop it (an encoder takes --seq-len, --pooling, "
+                                 "--normalize)")
+        seq_lens = self.seq_lens if self.seq_lens is not None else (ENCODER_SEQ_LEN,)
+        if isinstance(seq_lens, int):
+            seq_lens = (seq_lens,)
+        seq_lens = tuple(seq_lens)
+        if not seq_lens:
+            raise QeffGraphError("--seq-len is empty; give one or more lengths, e.g. 32,128")
+        for n in seq_lens:
+            _positive("seq_len", n)
+        if len(set(seq_lens)) != len(seq_lens):
+            raise QeffGraphError(f"--seq-len {','.join(map(str, seq_lens))} repeats a length; give distinct lengths")
+        set_("seq_lens", tuple(sorted(seq_lens)))
+        if self.pooling is not None and self.pooling not in POOLING_MODES:
+            raise QeffGraphError(f"unknown pooling {self.pooling!r}; use one of {', '.join(POOLING_MODES)}")
+        if self.normalize and self.pooling is None:
+            raise QeffGraphError("--normalize needs a pooling mode (--pooling mean|cls|max)")
+
     # ---- derived -------------------------------------------------------------------------
     @property
     def rows(self) -> int:
@@ -115,10 +166,14 @@ class ProgramSpec:
 
         if self.passes is not None:
             return list(self.passes)
+        if self.kind == "encoder":
+            return pipeline_names("encoder", pooling=self.pooling)
         return pipeline_names(kv_dtype=self.kv_dtype, weight_bits=self.weight_bits)
 
     def pass_options(self, sliding_window: int | None) -> dict:
         """Constructor options handed to the passes (each takes those it knows)."""
+        if self.kind == "encoder":
+            return dict(pooling=self.pooling or "mean", normalize=self.normalize)
         options = dict(kv_dtype=self.kv_dtype, continuous_batching=bool(self.full_batch_size),
                        sliding_window=sliding_window)
         if self.weight_bits is not None:
@@ -147,7 +202,7 @@ class ProgramSpec:
         return dict(num_cores=self.num_cores or QAIC_DEFAULT_CORES, mxfp6=self.mxfp6, mxint8=self.mxint8,
                     mos=self.mos, aic_enable_depth_first=self.aic_enable_depth_first,
                     device_group=list(self.device_group) if self.device_group else None,
-                    hw_version=self.aic_hw_version)
+                    hw_version=self.aic_hw_version, retained_state=self.kind == "causal-lm")
 
     def kv_precision(self) -> str:
         """custom_io.yaml precision of the KV tensors."""
@@ -156,7 +211,11 @@ class ProgramSpec:
         return {"float32": "float", "float16": "float16"}[self.kv_dtype]
 
     def specializations(self) -> dict:
-        """QEfficient's specializations: prefill (seq_len=prompt_len) first, decode second."""
+        """QEfficient's specializations: prefill (seq_len=prompt_len) first, decode second; an
+        encoder has one per seq_len."""
+        if self.kind == "encoder":
+            return {"specializations": [{"batch_size": str(self.batch_size), "seq_len": str(n)}
+                                        for n in self.seq_lens]}
         s = {k: str(v) for k, v in (("ctx_len", self.ctx_len),)}
         if self.full_batch_size:
             fbs = str(self.full_batch_size)
@@ -170,7 +229,7 @@ class ProgramSpec:
     # ---- identity ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for name in ("passes", "device_group"):
+        for name in ("passes", "device_group", "seq_lens"):
             if d[name] is not None:
                 d[name] = list(d[name])
         return d
@@ -178,6 +237,8 @@ class ProgramSpec:
     @classmethod
     def from_dict(cls, data: dict) -> ProgramSpec:
         """A spec from a manifest's ``options`` (unknown keys are ignored: newer/older manifests)."""
+        if not isinstance(data, dict):
+            raise QeffGraphError(f"program options must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

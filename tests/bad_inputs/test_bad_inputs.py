@@ -536,6 +536,49 @@ def exp_dir_without_config(w, fx):
     return ["export", str(w / "empty-model"), "-o", str(w / "out"), "-q"]
 
 
+# embed (encoders)
+def tiny_bert(w: Path) -> Path:
+    """A tiny random BERT folder with a word-level tokenizer (no export needed to tokenize)."""
+    import torch
+    import transformers as tf
+
+    from tests.helpers import save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, vocab_size=512))
+    model.save_pretrained(w / "tiny-bert")
+    save_tiny_tokenizer(w / "tiny-bert", ["the cat sat on the mat"])
+    return w / "tiny-bert"
+
+
+def embed(*flags):
+    def setup(w, fx):
+        return ["embed", "--model-name", str(tiny_bert(w)), "--exporter", "torchscript", *flags]
+    return setup
+
+
+def embed_causal_lm(w, fx):
+    return ["embed", "--model-name", str(hf_copy(w, fx)), "--text", "hello"]
+
+
+def infer_encoder(w, fx):
+    return ["infer", "--model-name", str(tiny_bert(w)), "--prompt", "hello"]
+
+
+def embed_gguf(w, fx):
+    (w / "model.gguf").write_bytes(b"GGUF" + os.urandom(64))
+    return ["embed", "--model-name", str(w / "model.gguf"), "--text", "hello"]
+
+
+def embed_output_missing_dir(w, fx):
+    return embed("--text", "hello", "--output", str(w / "missing" / "e.npy"))(w, fx)
+
+
+def embed_output_bad_suffix(w, fx):
+    return embed("--text", "hello", "--output", str(w / "e.txt"))(w, fx)
+
+
 # inspect / passes / bench
 def insp_missing(w, fx):
     return ["inspect", str(w / "missing.onnx")]
@@ -661,7 +704,25 @@ CASES = [
     Case("bench-batch-sizes-bad", lambda w, fx: ["bench", "--batch-sizes", "1,x", "-o", str(w / "b")],
          "is not a comma-separated list of integers"),
     Case("unknown-command", lambda w, fx: ["optimise", "model.onnx"], "invalid choice: 'optimise'"),
+    Case("embed-causal-lm", embed_causal_lm, "is not an encoder (model_type llama)"),
+    Case("infer-encoder", infer_encoder, "is an encoder (bert), not a causal LM"),
+    Case("embed-gguf", embed_gguf, "a GGUF file holds a causal LM"),
+    Case("embed-unknown-pooling", embed("--text", "hi", "--pooling", "sum"), "invalid choice: 'sum'"),
+    Case("embed-too-long-no-truncate", embed("--text", " ".join(["the cat"] * 20), "--seq-len", "16",
+                                             "--no-truncate"), "more than the largest --seq-len 16"),
+    Case("embed-empty-text", embed("--text", "hello|"), "empty text"),
+    Case("embed-no-text", embed(), "one of the arguments --text --texts-file"),
+    Case("embed-seq-len-repeated", embed("--text", "hi", "--seq-len", "32,32"), "give distinct integers"),
+    Case("embed-causal-flag", embed("--text", "hi", "--mos", "2"), "--mos only applies to --backend qaic"),
+    Case("embed-output-missing-dir", embed_output_missing_dir, "does not exist"),
+    Case("embed-output-bad-suffix", embed_output_bad_suffix, "use a .npy or .jsonl file name"),
+    Case("embed-binary-texts-file", lambda w, fx: embed("--texts-file", str(_binary(w)))(w, fx), "is binary"),
 ]
+
+
+def _binary(w: Path) -> Path:
+    (w / "texts.txt").write_bytes(b"hello\x00world\n")
+    return w / "texts.txt"
 
 
 # ---- fixtures -----------------------------------------------------------------------------

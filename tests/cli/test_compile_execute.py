@@ -326,6 +326,10 @@ def test_qaic_command_defaults_and_single_device(tmp_path):
                    "-retained-state", "-convert-to-fp16", "-aic-num-cores=16",
                    "-network-specialization-config=/p/specializations.json",
                    "-custom-IO-list-file=/p/custom_io.yaml", "-aic-binary-dir=/p/qpc"]
+    encoder = qaic_command("/p", binary_dir="/p/qpc", retained_state=False)  # no KV cache: no retained state
+    assert encoder == ["qaic-exec", "-aic-hw", "-aic-hw-version=2.0", "-m=/p/model.onnx", "-compile-only",
+                       "-convert-to-fp16", "-aic-num-cores=16", "-network-specialization-config=/p/specializations.json",
+                       "-aic-binary-dir=/p/qpc"]
     path = write_mdp_json(tmp_path / "mdp.json", [0, 1], 16)
     assert json.loads(path.read_text()) == {
         "connections": [{"devices": [0, 1], "type": "p2p"}],

@@ -40,15 +40,16 @@ def find_qaic_exec() -> str | None:
 def qaic_command(program_dir: str | os.PathLike, *, num_cores: int = 16, mxfp6: bool = False,
                  mxint8: bool = False, mos: int | None = None, aic_enable_depth_first: bool = False,
                  device_group: Sequence[int] | None = None, binary_dir: str | os.PathLike,
-                 hw_version: str = "2.0", executable: str = "qaic-exec") -> list[str]:
-    """QEfficient's seed-era ``qaic-exec`` argv for a program directory."""
+                 hw_version: str = "2.0", executable: str = "qaic-exec", retained_state: bool = True) -> list[str]:
+    """QEfficient's seed-era ``qaic-exec`` argv for a program directory. ``retained_state=False``
+    (an encoder: no KV cache) drops ``-retained-state`` and the custom IO list."""
     if num_cores < 1:
         raise QeffGraphError(f"--num-cores must be >= 1, got {num_cores}")
     if mos is not None and mos < 1:
         raise QeffGraphError(f"--mos must be >= 1, got {mos}")
     p = Path(program_dir)
-    cmd = [executable, "-aic-hw", f"-aic-hw-version={hw_version}", f"-m={p / 'model.onnx'}",
-           "-compile-only", "-retained-state", "-convert-to-fp16"]
+    cmd = [executable, "-aic-hw", f"-aic-hw-version={hw_version}", f"-m={p / 'model.onnx'}", "-compile-only"]
+    cmd += ["-retained-state", "-convert-to-fp16"] if retained_state else ["-convert-to-fp16"]
     if mxfp6:
         cmd.append("-mxfp6-matmul")
     if mxint8:
@@ -58,8 +59,9 @@ def qaic_command(program_dir: str | os.PathLike, *, num_cores: int = 16, mxfp6: 
         cmd.append(f"-mos={mos}")
     if aic_enable_depth_first:
         cmd.append("-aic-enable-depth-first")
-    cmd += [f"-network-specialization-config={p / 'specializations.json'}",
-            f"-custom-IO-list-file={p / 'custom_io.yaml'}"]
+    cmd.append(f"-network-specialization-config={p / 'specializations.json'}")
+    if retained_state:
+        cmd.append(f"-custom-IO-list-file={p / 'custom_io.yaml'}")
     if device_group is not None and len(device_group) > 1:
         cmd.append(f"-mdp-load-partition-config={p / 'mdp.json'}")
     cmd.append(f"-aic-binary-dir={binary_dir}")
@@ -82,7 +84,8 @@ def write_mdp_json(path: str | os.PathLike, devices: Sequence[int], num_cores: i
 def compile_qaic(build_dir: str | os.PathLike, final_dir: str | os.PathLike, *, num_cores: int = 16,
                  mxfp6: bool = False, mxint8: bool = False, mos: int | None = None,
                  aic_enable_depth_first: bool = False, device_group: Sequence[int] | None = None,
-                 hw_version: str = "2.0", execute: bool | None = None, stream=None) -> dict:
+                 hw_version: str = "2.0", retained_state: bool = True, execute: bool | None = None,
+                 stream=None) -> dict:
     """Write ``compile.sh`` (and ``mdp.json``) into a program being built in ``build_dir`` and
     run ``qaic-exec`` there when the SDK is installed; returns the manifest's ``"backend"``.
 
@@ -96,7 +99,8 @@ def compile_qaic(build_dir: str | os.PathLike, final_dir: str | os.PathLike, *, 
     if devices is not None and len(devices) > 1:
         write_mdp_json(build / "mdp.json", devices, num_cores)
     options = dict(num_cores=num_cores, mxfp6=mxfp6, mxint8=mxint8, mos=mos,
-                   aic_enable_depth_first=aic_enable_depth_first, device_group=devices, hw_version=hw_version)
+                   aic_enable_depth_first=aic_enable_depth_first, device_group=devices, hw_version=hw_version,
+                   retained_state=retained_state)
     cmd = qaic_command(final, binary_dir=final / "qpc", **options)
     script = build / "compile.sh"
     script.write_text("#!/bin/sh\n# written by qeff-graph compile --backend qaic\nset -e\n" + shlex.join(cmd) + "\n")

@@ -1,0 +1,79 @@
+"""ProgramSpec: defaults and validation in one place, QEfficient's flags per backend, identity."""
+
+import pytest
+
+from qeff_graph.errors import QeffGraphError
+from qeff_graph.program import DEFAULTS, ProgramSpec
+
+
+def test_defaults_are_qefficients():
+    spec = ProgramSpec()
+    assert (spec.ctx_len, spec.prompt_len, spec.batch_size, spec.kv_dtype, spec.backend) == (128, 32, 1, "float32", "ort")
+    assert DEFAULTS["ctx_len"] == 128 and spec.qaic_options()["num_cores"] == 16
+    assert spec.specializations() == {"specializations": [
+        {"batch_size": "1", "seq_len": "32", "ctx_len": "128"}, {"batch_size": "1", "seq_len": "1", "ctx_len": "128"}]}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(ctx_len=0), "--ctx-len must be >= 1"),
+    (dict(ctx_len=16, prompt_len=32), "--ctx-len (16) is smaller than --prompt-len (32)"),
+    (dict(batch_size=True), "--batch-size must be an integer"),
+    (dict(kv_dtype="int8"), "--kv-dtype 'int8' is not supported"),
+    (dict(weight_bits=3), "--weight-bits must be 4 or 8"),
+    (dict(backend="tpu"), "unknown backend 'tpu'"),
+    (dict(passes=""), "--passes is empty"),
+    (dict(passes=("kv-retention", "")), "--passes is empty or has an empty name"),
+    (dict(passes=("no-such-pass",)), "unknown pass 'no-such-pass'"),
+    (dict(mos=2), "--mos only applies to --backend qaic"),
+    (dict(mos=2, aic_enable_depth_first=True), "--mos and --aic-enable-depth-first only apply"),
+    (dict(device_group=(0, 1)), "multi-device partitioning needs --backend qaic"),
+    (dict(device_group=(0, 0), backend="qaic"), "give distinct device ids"),
+    (dict(backend="qaic", weight_bits=4), "--weight-bits applies to --backend ort"),
+    (dict(pooling="mean"), "--pooling applies to encoder"),
+    (dict(kind="encoder", ctx_len=64), "--ctx-len applies to causal-LM programs"),
+    (dict(kind="encoder", seq_lens=()), "--seq-len is empty"),
+    (dict(kind="encoder", normalize=True), "--normalize needs a pooling mode"),
+    (dict(kind="encoder", pooling="sum"), "unknown pooling 'sum'"),
+    (dict(kind="decoder"), "unknown program kind 'decoder'"),
+])
+def test_bad_options_are_one_line_errors(options, message):
+    with pytest.raises(QeffGraphError) as info:
+        ProgramSpec(**options)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_qefficient_flags_per_backend():
+    ort = ProgramSpec(mxfp6=True, mxint8=True, num_cores=10_000)
+    assert (ort.weight_bits, ort.kv_dtype) == (8, "float16") and len(ort.notes()) == 2
+    assert 1 <= ort.threads() <= 10_000  # capped at the cores available
+    assert ort.kv_precision() == "float16"
+    # the same artifact whichever way it was asked for: one cache entry
+    assert ort.cache_key(model="m") == ProgramSpec(weight_bits=8, kv_dtype="float16").cache_key(model="m")
+    assert ort.cache_key(model="m") != ort.cache_key(model="other")
+    qaic = ProgramSpec(backend="qaic", mxfp6=True, mxint8=True, num_cores=14)
+    assert (qaic.weight_bits, qaic.kv_dtype, qaic.kv_precision()) == (None, "float32", "mxint8")
+    assert qaic.qaic_options()["num_cores"] == 14 and qaic.threads() is None
+    assert qaic.cache_key(model="m") != ProgramSpec(backend="qaic", num_cores=14).cache_key(model="m")
+
+
+def test_graph_options_ignore_shapes_and_backend():
+    a, b = ProgramSpec(ctx_len=64, batch_size=4), ProgramSpec(ctx_len=256, prompt_len=8, backend="qaic")
+    assert a.graph_options() == b.graph_options() and a.artifact_options() != b.artifact_options()
+    assert ProgramSpec(kv_dtype="float16").graph_options() != a.graph_options()
+
+
+def test_manifest_round_trip_and_continuous_batching():
+    spec = ProgramSpec(full_batch_size=4, passes="past-shape, position-mask", device_group=[0])
+    assert spec.passes == ("past-shape", "position-mask") and spec.rows == 4
+    again = ProgramSpec.from_dict({**spec.to_dict(), "a_future_option": 1})
+    assert again == spec
+    assert spec.specializations()["specializations"][0]["batch_size"] == "1"
+
+
+def test_encoder_specs():
+    spec = ProgramSpec(kind="encoder", seq_lens=[128, 32], batch_size=8, pooling="mean", normalize=True)
+    assert spec.seq_lens == (32, 128) and spec.pipeline() == ["pooling", "fp16-clamp", "cleanup"]
+    assert spec.specializations() == {"specializations": [{"batch_size": "8", "seq_len": "32"},
+                                                          {"batch_size": "8", "seq_len": "128"}]}
+    assert ProgramSpec(kind="encoder").seq_lens == (128,) and ProgramSpec(kind="encoder").pipeline()[0] == "fp16-clamp"
+    assert ProgramSpec(kind="encoder", backend="qaic").qaic_options()["retained_state"] is False
