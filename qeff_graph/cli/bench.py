@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qeff_graph.cli.options import HelpFormatter, add, positive_int, positive_ints
 
-HELP = "measure prefill and decode speed of program variants side by side (table + plot)"
+HELP = "measure speed side by side: decode/prefill of causal-LM program variants, or embedding throughput"
 
 
 def add_parser(sub) -> None:
@@ -18,19 +18,30 @@ def add_parser(sub) -> None:
                        "Each variant is compiled once (cached like `infer`); runs are interleaved "
                        "round-robin and each number is the median over --repeats. Variants: "
                        "fp32 (retained-KV program, IO binding), numpy (numpy feeds, no IO binding), "
-                       "kv-fp16 (float16 KV cache), int8 (--mxfp6: 8-bit MatMulNBits), int4.")
+                       "kv-fp16 (float16 KV cache), int8 (--mxfp6: 8-bit MatMulNBits), int4. "
+                       "--task embed: sentences/s of an encoder program (default: all-MiniLM-L6-v2) beside plain "
+                       "ONNX Runtime on its unmodified export and sentence-transformers on torch, every text "
+                       "exactly --seq-len tokens (bench-embed.json).")
+    add(p, "--task", choices=["generate", "embed"], default="generate",
+        help="generate: causal-LM program variants; embed: encoder throughput against peers")
     add(p, "--model-name", "-m", default=None,
-        help="hub id, local HF dir or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+        help="hub id, local HF dir or .gguf file (default: the embedded SmolLM2-135M-Instruct; with --task "
+        "embed the embedded all-MiniLM-L6-v2)")
     add(p, "--gguf-file", default=None, help="GGUF file name inside the model dir")
     add(p, "--cache-dir", default=None, help="cache root (default: $QEFF_HOME, ...)")
     add(p, "--variants", default="fp32,numpy,kv-fp16,int8,int4",
         help=f"comma-separated, the first is the reference for ratios ({', '.join(VARIANTS)})")
-    add(p, "--batch-sizes", type=positive_ints, default=[1, 4], metavar="1,4", help="batch sizes (default: 1,4)")
+    add(p, "--batch-sizes", type=positive_ints, default=None, metavar="1,4",
+        help="batch sizes (default: 1,4; --task embed: 1,32)")
     add(p, "--prompt-len", type=positive_int, default=32, help="prefill chunk length")
     add(p, "--ctx-len", type=positive_int, default=256, help="KV cache length")
     add(p, "--prompt-tokens", type=positive_int, default=64, help="prompt length of every row")
     add(p, "--generation-len", type=positive_int, default=64, help="tokens generated per row")
     add(p, "--repeats", type=positive_int, default=3, help="rounds over all variants")
+    add(p, "--seq-len", type=positive_int, default=128, help="--task embed: tokens of every text")
+    add(p, "--texts", type=positive_int, default=256, help="--task embed: texts embedded per measurement")
+    add(p, "--peers", default="qeff-graph,ort-export,sentence-transformers",
+        help="--task embed: systems to measure (qeff-graph, ort-export, sentence-transformers)")
     add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     add(p, "-o", "--output-dir", default="bench-out",
         help="folder for bench.json and bench.png (created if missing; those two files are replaced)")
@@ -47,6 +58,9 @@ def run(args) -> int:
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise QeffGraphError(f"--output-dir {out_dir} is a file; give a folder for bench.json and bench.png")
+    if args.task == "embed":
+        return _run_embed(args, out_dir)
+    args.batch_sizes = args.batch_sizes or [1, 4]
     rows = run_bench(args.model_name, gguf_file=args.gguf_file, variants=variants,
                      batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
                      prompt_tokens=args.prompt_tokens, generation_len=args.generation_len,
@@ -66,4 +80,28 @@ def run(args) -> int:
         plot = save_plot(rows, Path(args.output_dir) / "bench.png",
                          f"{model}: decode speed ({machine}, ctx_len {args.ctx_len})")
         print(f"wrote {plot}")
+    return 0
+
+
+def _run_embed(args, out_dir: Path) -> int:
+    import dataclasses
+    import json
+    import os
+
+    from qeff_graph.bench_embed import format_embed_table, run_embed_bench
+    from qeff_graph.fs import write_atomic
+
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    rows = run_embed_bench(args.model_name, peers=peers, batch_sizes=args.batch_sizes or [1, 32],
+                           seq_len=args.seq_len, texts=args.texts, repeats=args.repeats, threads=args.threads,
+                           cache_dir=args.cache_dir)
+    model = args.model_name or "all-MiniLM-L6-v2 (embedded)"
+    machine = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+    print(f"{model} | {machine} | {args.texts} texts of {args.seq_len} tokens, median of {args.repeats}")
+    print(format_embed_table(rows))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "machine": machine, "seq_len": args.seq_len, "texts": args.texts, "repeats": args.repeats}
+    path = write_atomic(out_dir / "bench-embed.json",
+                        json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
+    print(f"wrote {path}")
     return 0

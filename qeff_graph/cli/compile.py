@@ -16,6 +16,7 @@ from qeff_graph.cli.options import (
     add_compression_options,
     add_program_options,
     add_qaic_options,
+    positive_ints,
     spec_options,
 )
 
@@ -40,11 +41,26 @@ def add_parser(sub) -> None:
     add_compression_options(p)
     add(p, "--hardlink-data", action="store_true",
         help="hard-link the weight file instead of copying it (ONNX Runtime loads it; onnx.load refuses)")
+    e = p.add_argument_group("encoder options (an encoder export or program)")
+    add(e, "--seq-len", type=positive_ints, default=None, metavar="128",
+        help="sequence-length specializations, e.g. 32,128 (default: 128, or the input program's)")
+    add(e, "--pooling", choices=["mean", "cls", "max"], default=None, help="append pooling to the graph")
+    add(e, "--normalize", action="store_true", help="L2-normalize the pooled vectors")
     q = p.add_argument_group("backend options")
     add_qaic_options(q, num_cores_help="qaic: -aic-num-cores (default 16); ort: CPU threads the program "
                      "runs with, capped at the cores available")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(run=run)
+
+
+def _export_kind(directory: Path) -> str | None:
+    from qeff_graph.artifact import read_json
+    from qeff_graph.errors import QeffGraphError
+
+    try:
+        return read_json(directory / "export.json", "export manifest").get("kind")
+    except QeffGraphError:
+        return None
 
 
 def _export_model_name(directory: Path) -> str | None:
@@ -64,11 +80,16 @@ def run(args) -> int:
 
     src = resolve_source(args.source)
     given = spec_options(args)
+    encoder = {k: v for k, v in (("seq_lens", args.seq_len), ("pooling", args.pooling),
+                                 ("normalize", args.normalize or None)) if v is not None}
     base = {}
     if src.program is not None:
         base = src.program.spec.to_dict()
         if given.get("backend", "ort") != base["backend"]:
             base = {k: base[k] for k in _PORTABLE}
+    elif encoder or _export_kind(src.side_dir) == "encoder":
+        base = {"kind": "encoder"}
+    given.update(encoder)
     spec = ProgramSpec.from_dict({**base, **given})
     for note in spec.notes():
         progress.say(f"note: {note}")
@@ -78,8 +99,9 @@ def run(args) -> int:
     out = Path(args.output_dir)
     if spec.backend == "ort":
         if not args.quiet:
-            print(f"{program.action} {args.source} -> {out} (backend ort; run it with "
-                  f"`qeff-graph execute --qpc-path {out}`)")
+            how = (f"run it with `qeff-graph execute --qpc-path {out}`" if spec.kind == "causal-lm"
+                   else "an encoder program: EncoderSession runs it; `qeff-graph embed` builds the same in its cache")
+            print(f"{program.action} {args.source} -> {out} (backend ort; {how})")
         return 0
     backend = program.manifest["backend"]
     if backend["executed"]:

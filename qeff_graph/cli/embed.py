@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
     add_qaic_options(p, num_cores_help="qaic: -aic-num-cores (default 16); ort: CPU threads, capped at the "
                      "cores available")
     add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
-    add(p, "--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="torch ONNX exporter")
+    add(p, "--exporter", choices=["dynamo", "torchscript"], default=None,
+        help="torch ONNX exporter (default: torchscript, whose encoder graphs run faster in ONNX Runtime)")
     add(p, "--cache-dir", default=None, help="cache root (default: $QEFF_HOME, ...)")
     add(p, "--hf-token", default=None, help="Hugging Face token for gated hub models")
     add(p, "--trust-remote-code", action="store_true",

@@ -100,9 +100,13 @@ class QEFFAutoModel(CachedModel):
     """An encoder to export, compile for a backend and run for embeddings."""
 
     kind = "encoder"
+    # measured with `qeff-graph bench --task embed` (all-MiniLM-L6-v2, 2 cores, batch 32 x 128 tokens):
+    # the TorchScript export runs 1.2-1.3x faster in ONNX Runtime than the dynamo export
+    default_exporter = "torchscript"
 
-    def __init__(self, source: str, *, pooling: str | None = None, normalize: bool | None = None, **kwargs):
-        super().__init__(source, None, **kwargs)
+    def __init__(self, source: str, *, pooling: str | None = None, normalize: bool | None = None,
+                 exporter: str | None = None, **kwargs):
+        super().__init__(source, None, exporter=exporter or self.default_exporter, **kwargs)
         declared, declared_norm = sentence_transformers_pooling(source) if os.path.isdir(source) else (None, None)
         self.pooling = pooling or declared or "mean"
         self.normalize = bool(normalize if normalize is not None else declared_norm)

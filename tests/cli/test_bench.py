@@ -35,3 +35,26 @@ def test_bench_bad_options(tmp_path, capsys):
     assert "exceed --ctx-len 64" in err
     err = fail_one_line(capsys, ["bench", "--batch-sizes", "0", "-o", str(tmp_path)])
     assert "integers >= 1" in err
+
+
+def test_bench_embed_peers_side_by_side(tmp_path, capsys):
+    """--task embed on a tiny BERT: qeff-graph, plain ORT on the unmodified export and
+    sentence-transformers embed the same texts; same vectors, a row per system and batch."""
+    import pytest
+
+    pytest.importorskip("sentence_transformers")
+    from tests.e2e.test_encoder import tiny_encoder
+    from tests.helpers import save_tiny_tokenizer
+
+    hf = tmp_path / "tiny-bert"
+    tiny_encoder("bert", hf)
+    save_tiny_tokenizer(hf, ["the cat sat on the mat"])
+    out = tmp_path / "bench"
+    assert main(["bench", "--task", "embed", "-m", str(hf), "--texts", "8", "--repeats", "1", "--batch-sizes", "1,4",
+                 "--seq-len", "16", "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "qeff-graph is ×" in text and "sentence-transformers" in text
+    rows = json.loads((out / "bench-embed.json").read_text())["rows"]
+    assert [(r["system"], r["batch_size"]) for r in rows] == [
+        (s, b) for b in (1, 4) for s in ("qeff-graph", "ort-export", "sentence-transformers")]
+    assert all(r["sentences_s"] > 0 for r in rows) and max(r["max_diff"] for r in rows) < 1e-4

@@ -161,3 +161,20 @@ def test_encoder_and_causal_lm_are_kept_apart(tmp_path, capsys):
     with pytest.raises(QeffGraphError, match="has a KV cache: it is a causal LM"):
         build_program(OPTIMUM["llama"] / "optimum" / "model.onnx", ProgramSpec(kind="encoder"), prog)
     assert not prog.exists() and not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("model.onnx"))
+
+
+def test_compile_takes_an_encoder_export(tmp_path, capsys):
+    """`compile` recognises an encoder export (export.json) and builds an encoder program."""
+    from qeff_graph.backends.ort.encoder import EncoderSession
+    from qeff_graph.cli import main
+    from qeff_graph.export import export_encoder
+
+    hf = tmp_path / "bert"
+    tiny_encoder("bert", hf)
+    export = export_encoder(str(hf), tmp_path / "export", exporter="torchscript", progress=False).parent
+    prog = tmp_path / "prog"
+    assert main(["compile", str(export), "-o", str(prog), "--seq-len", "16,8", "--pooling", "cls", "-q"]) == 0
+    manifest = json.loads((prog / "qeff_graph.json").read_text())
+    assert manifest["options"]["kind"] == "encoder" and manifest["options"]["seq_lens"] == [8, 16]
+    out = EncoderSession(prog).run(np.array([[5, 6, 7]]), np.array([[1, 1, 1]]))
+    assert out["pooled"].shape == (1, 64) and np.allclose(out["pooled"][0], out["last_hidden_state"][0, 0])
