@@ -110,9 +110,8 @@ def run_bench(model_name: str | None = None, *, gguf_file: str | None = None,
 def _prepare(model_name, gguf_file, variants, batch, prompt_len, ctx_len, prompt_tokens, threads, cache_dir):
     """``[(variant, session, prompts, weights MB)]`` for one batch size; variants built from the
     same program (fp32 and numpy) share one ONNX Runtime session (and its weights in memory)."""
-    import onnxruntime as ort
-
     from qeff_graph.backends.ort import RetainedStateSession
+    from qeff_graph.backends.ort.session import cpu_session
     from qeff_graph.generation import generate_ids
     from qeff_graph.models import QEFFAutoModelForCausalLM
 
@@ -124,12 +123,7 @@ def _prepare(model_name, gguf_file, variants, batch, prompt_len, ctx_len, prompt
         weights = sum(f.stat().st_size for f in program.glob("*.data")) or (program / "model.onnx").stat().st_size
         n = threads or model.spec.threads()
         if (program, n) not in shared:
-            options = ort.SessionOptions()
-            if n:
-                options.intra_op_num_threads = n
-            options.log_severity_level = 3
-            shared[(program, n)] = ort.InferenceSession(str(program / "model.onnx"), options,
-                                                        providers=["CPUExecutionProvider"])
+            shared[(program, n)] = cpu_session(program / "model.onnx", n)
         session = RetainedStateSession(program, batch_size=batch, ctx_len=ctx_len,
                                        session=shared[(program, n)], **session_options)
         vocab = model.program.manifest["io"]["outputs"][0]["shape"][-1]

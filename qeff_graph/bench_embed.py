@@ -57,12 +57,9 @@ def _texts(tokenizer, count: int, seq_len: int) -> list[str]:
 
 
 def _ort_export_runner(onnx_path, threads: int, normalize: bool, pooling: str):
-    import onnxruntime as ort
+    from qeff_graph.backends.ort.session import cpu_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path, threads)
     names = [i.name for i in session.get_inputs()]
 
     def run(encoded: dict, batch: int) -> np.ndarray:

@@ -27,15 +27,14 @@ from qeff_graph.errors import QeffGraphError
 
 from ._quiet import quiet
 from .exporter import (
-    DEFAULT_OPSET,
-    EXPORTERS,
     EXTERNAL_DATA_THRESHOLD,
     ONNX_FILENAME,
     _consolidate_external,
-    check_export_dir,
+    check_export_options,
+    run_exporter,
     save_config_and_tokenizer,
 )
-from .loader import _one_line, load_hf_encoder
+from .loader import load_hf_encoder
 
 __all__ = ["export_encoder", "encoder_io_names"]
 
@@ -85,11 +84,7 @@ def export_encoder(model_or_path: Any, out_dir: str | os.PathLike, *, exporter: 
 def _export(model_or_path, out_dir: Path, exporter, opset, hf_token, cache_dir, tokenizer, trust_remote_code,
             cache_entry) -> Path:
     t0 = time.perf_counter()
-    if exporter not in EXPORTERS:
-        raise QeffGraphError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
-    opset = int(opset) if opset is not None else DEFAULT_OPSET[exporter]
-    if not cache_entry:
-        check_export_dir(out_dir)
+    opset = check_export_options(exporter, opset, out_dir, cache_entry)
     if isinstance(model_or_path, (str, os.PathLike)):
         source = os.fspath(model_or_path)
         _progress.checkpoint("export:load")
@@ -122,15 +117,8 @@ def _export(model_or_path, out_dir: Path, exporter, opset, hf_token, cache_dir, 
         onnx_path = tmp / ONNX_FILENAME
         what = (f"export: {type(model).__name__} with {exporter} (opset {opset}, {config.num_hidden_layers} layers, "
                 f"hidden {config.hidden_size}, {n_params / 1e6:.1f} M params)")
-        try:
-            with _progress.task(what):
-                _trace(wrapper, args, names, onnx_path, exporter, opset, external, config)
-        except QeffGraphError:
-            raise
-        except Exception as e:  # noqa: BLE001 - exporter failures become one-liners
-            other = "torchscript" if exporter == "dynamo" else "dynamo"
-            raise QeffGraphError(f"ONNX export of {source} with {exporter} (opset {opset}) failed: "
-                                 f"{_one_line(e)}; try exporter={other!r}") from e
+        run_exporter(what, source, exporter, opset,
+                     lambda: _trace(wrapper, args, names, onnx_path, exporter, opset, external, config))
         if exporter == "torchscript":
             _consolidate_external(tmp, onnx_path, external)
         seconds_export = time.perf_counter() - t1

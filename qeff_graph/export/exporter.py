@@ -174,6 +174,15 @@ def _consolidate_external(tmp: Path, onnx_path: Path, external: bool) -> None:
                     size_threshold=1024)
 
 
+def check_export_options(exporter: str, opset: int | None, out_dir: Path, cache_entry: bool) -> int:
+    """The exporter and output folder checks every export makes first; returns the opset."""
+    if exporter not in EXPORTERS:
+        raise QeffGraphError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
+    if not cache_entry:
+        check_export_dir(out_dir)
+    return int(opset) if opset is not None else DEFAULT_OPSET[exporter]
+
+
 def check_export_dir(out_dir: Path) -> None:
     """Refuse (before any work) an output that is a file or a non-empty folder that is not an export."""
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
@@ -181,6 +190,20 @@ def check_export_dir(out_dir: Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "export.json").is_file():
         raise QeffGraphError(f"{out_dir} is not empty and is not a qeff-graph export; choose a new or empty "
                              "folder (nothing was changed)")
+
+
+def run_exporter(what: str, source: str, exporter: str, opset: int, call) -> None:
+    """Run a torch exporter ``call`` as a progress task; its failures become one line naming
+    the model, the exporter and the other exporter to try."""
+    try:
+        with _progress.task(what):
+            call()
+    except QeffGraphError:
+        raise
+    except Exception as e:  # noqa: BLE001 - exporter failures become one-liners
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
+        raise QeffGraphError(f"ONNX export of {source} with {exporter} (opset {opset}) "
+                             f"failed: {_one_line(e)}; try exporter={other!r}") from e
 
 
 def save_config_and_tokenizer(model, tokenizer, directory: Path) -> bool:
@@ -261,11 +284,7 @@ def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "on
 def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, cache_dir, tokenizer,
             trust_remote_code, cache_entry) -> ExportResult:
     t0 = time.perf_counter()
-    if exporter not in EXPORTERS:
-        raise QeffGraphError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
-    opset = int(opset) if opset is not None else DEFAULT_OPSET[exporter]
-    if not cache_entry:
-        check_export_dir(out_dir)
+    opset = check_export_options(exporter, opset, out_dir, cache_entry)
     timings: dict[str, float] = {}
 
     # -- load ---------------------------------------------------------------------------
@@ -319,15 +338,8 @@ def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, 
         wrapper = FlatCacheCausalLM(model, geo.num_layers).eval()
         what = (f"export: {type(model).__name__} with {exporter} (opset {opset}, {geo.num_layers} layers, "
                 f"{geo.num_kv_heads} kv heads × {geo.head_dim}, {n_params / 1e6:.1f} M params)")
-        try:
-            with _progress.task(what):
-                _torch_export(wrapper, args, onnx_path, exporter, opset, in_names, out_names, external)
-        except QeffGraphError:
-            raise
-        except Exception as e:  # noqa: BLE001 - exporter failures become one-liners
-            other = "torchscript" if exporter == "dynamo" else "dynamo"
-            raise QeffGraphError(f"ONNX export of {source} with {exporter} (opset {opset}) "
-                                 f"failed: {_one_line(e)}; try exporter={other!r}") from e
+        run_exporter(what, source, exporter, opset,
+                     lambda: _torch_export(wrapper, args, onnx_path, exporter, opset, in_names, out_names, external))
         if not onnx_path.is_file():
             raise QeffGraphError(f"ONNX export of {source} with {exporter} wrote no model")
         if exporter == "torchscript":

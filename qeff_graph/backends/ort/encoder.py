@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from qeff_graph.backends.ort.session import cpu_session
 from qeff_graph.errors import QeffGraphError
 
 __all__ = ["EncoderSession"]
@@ -22,15 +23,9 @@ class EncoderSession:
         path = Path(model)
         if path.is_dir():
             path = path / "model.onnx"
-        if session is None:
-            if not path.exists():
-                raise QeffGraphError(f"{path} does not exist; pass an encoder program directory")
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            options.log_severity_level = 3
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.session = session
+        if session is None and not path.exists():
+            raise QeffGraphError(f"{path} does not exist; pass an encoder program directory")
+        self.session = session = session or cpu_session(path, threads)
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         if not {"input_ids", "attention_mask"} <= set(self.input_names):

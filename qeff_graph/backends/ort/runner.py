@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qeff_graph.backends.ort.io_files import IOFileWriter
+from qeff_graph.backends.ort.session import cpu_session
 from qeff_graph.errors import QeffGraphError
 from qeff_graph.resources import check_kv_cache_fits
 
@@ -54,13 +55,7 @@ class RetainedStateSession:
             raise QeffGraphError(f"{path} does not exist; pass a program directory from `qeff-graph optimize`")
         if batch_size < 1 or ctx_len < 1:
             raise QeffGraphError(f"batch_size ({batch_size}) and ctx_len ({ctx_len}) must be >= 1")
-        if session is None:
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            options.log_severity_level = 3
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.session = session
+        self.session = session or cpu_session(path, threads)
         self.batch_size = batch_size
         self.ctx_len = ctx_len
         self.input_names = [i.name for i in self.session.get_inputs()]
