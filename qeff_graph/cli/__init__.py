@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors (already printed)
         return int(exc.code or 0)
     from qeff_graph import progress
-    from qeff_graph.fs import Terminated, handle_termination
+    from qeff_graph.fs import handle_termination
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import sys
 from pathlib import Path
 
 from qeff_graph.cli.options import HelpFormatter, add, positive_int, positive_ints

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from qeff_graph.cli.options import HelpFormatter, add, positive_int
 
 HELP = "export a Hugging Face causal LM to an unmodified ONNX graph with a dynamic KV cache"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from qeff_graph import progress as _progress
-from qeff_graph.errors import QeffGraphError
 
 from ._quiet import quiet
 from .exporter import (

@@ -383,7 +383,6 @@ def _write_program(out: Path, spec: ProgramSpec, manifest: dict, write_graph, *,
             if not (tmp / f.name).exists() and link_or_clone(f, tmp / f.name, hardlink=hardlink) == "hardlink":
                 linked.add(f.name)
         manifest["backend"] = _backend_files(tmp, out, spec)
-        _narrow_modes(tmp, mode_cap, linked)
         progress.checkpoint("program:manifest")
         manifest["files"] = file_table(tmp, exclude=(MANIFEST,), known=hints)
         manifest["seconds"] = round(time.perf_counter() - started, 3)

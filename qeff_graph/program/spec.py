@@ -216,7 +216,7 @@ class ProgramSpec:
         if self.kind == "encoder":
             return {"specializations": [{"batch_size": str(self.batch_size), "seq_len": str(n)}
                                         for n in self.seq_lens]}
-        s = {k: str(v) for k, v in (("ctx_len", self.ctx_len),)}
+        s = {"ctx_len": str(self.ctx_len)}
         if self.full_batch_size:
             fbs = str(self.full_batch_size)
             prefill = {"batch_size": "1", "seq_len": str(self.prompt_len), **s, "full_batch_size": fbs}
