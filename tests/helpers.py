@@ -12,29 +12,60 @@ from pathlib import Path
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, vocab_size=512, initializer_range=0.3,
             max_position_embeddings=512)
+_GPT2_NAMES = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, initializer_range=0.3)
+_GQA = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+_MOE = dict(num_experts_per_tok=2)
+
+# The one table of tiny random causal LMs the tests build: name -> (config class, kwargs).
+# Hidden 64, 2 layers, vocab 512, initializer_range 0.3. Names with a suffix are variants of a
+# family (falcon: rotary, ALiBi, multi-query, the new decoder architecture with grouped KV heads).
+# ALiBi models (falcon_alibi, bloom, mpt) are sized so that dropping the bias changes greedy
+# tokens (tests/coverage checks it): Falcon needs 8 heads for that (its slopes are steeper),
+# and a larger initializer_range is no option: at 1.0 transformers' own float32 logits are
+# 2e-4 off its float64 ones, over the 1e-4 the tests allow.
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(TINY, **_GQA)),
+    "mistral": ("MistralConfig", dict(TINY, **_GQA, sliding_window=4096)),
+    "mixtral": ("MixtralConfig", dict(TINY, **_GQA, **_MOE, num_local_experts=4)),
+    "qwen2": ("Qwen2Config", dict(TINY, **_GQA, use_sliding_window=False)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(TINY, **_GQA, **_MOE, num_experts=4, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64, decoder_sparse_step=1,
+                                         use_sliding_window=False)),
+    "phi": ("PhiConfig", dict(TINY, num_attention_heads=4, intermediate_size=128, partial_rotary_factor=0.5)),
+    "phi3": ("Phi3Config", dict(TINY, **_GQA, sliding_window=None, pad_token_id=0,
+                                original_max_position_embeddings=512)),
+    "starcoder2": ("Starcoder2Config", dict(TINY, **_GQA, sliding_window=None, bos_token_id=1, eos_token_id=2)),
+    "gpt2": ("GPT2Config", dict(_GPT2_NAMES, n_inner=128, n_positions=512)),
+    "gptj": ("GPTJConfig", dict(_GPT2_NAMES, n_inner=128, n_positions=512, rotary_dim=8)),
+    "codegen": ("CodeGenConfig", dict(_GPT2_NAMES, n_inner=128, n_positions=512, n_ctx=512, rotary_dim=8)),
+    "gpt_neox": ("GPTNeoXConfig", dict(TINY, num_attention_heads=4, intermediate_size=128, rotary_pct=0.5)),
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(_GPT2_NAMES, n_inner=128, n_positions=512, multi_query=True)),
+    "falcon": ("FalconConfig", dict(TINY, num_attention_heads=4, num_kv_heads=4, multi_query=False,
+                                    alibi=False, bos_token_id=1, eos_token_id=2)),
+    "falcon_alibi": ("FalconConfig", dict(TINY, num_attention_heads=8, num_kv_heads=8, multi_query=False,
+                                          alibi=True, bos_token_id=1, eos_token_id=2)),
+    "falcon_mqa": ("FalconConfig", dict(TINY, num_attention_heads=4, num_kv_heads=4, multi_query=True,
+                                        alibi=False, bos_token_id=1, eos_token_id=2)),
+    "falcon_new": ("FalconConfig", dict(TINY, num_attention_heads=4, num_kv_heads=2,
+                                        new_decoder_architecture=True, alibi=False, bos_token_id=1,
+                                        eos_token_id=2)),
+    "mpt": ("MptConfig", dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=512,
+                              vocab_size=512, initializer_range=0.3, use_cache=True)),
+    "gemma": ("GemmaConfig", dict(TINY, **_GQA, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(TINY, **_GQA, head_dim=16, sliding_window=4, query_pre_attn_scalar=16)),
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=512, initializer_range=0.3)),
+    "opt": ("OPTConfig", dict(TINY, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64)),
+}
 
 
 def tiny_config(arch: str):
-    """A tiny random config for ``arch`` in {llama, gpt2, phi3, mistral, qwen2}."""
+    """A tiny random config for ``arch``, a key of :data:`FAMILIES`."""
     import transformers as tf
 
-    if arch == "llama":
-        return tf.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=128)
-    if arch == "mistral":
-        return tf.MistralConfig(**TINY, num_attention_heads=4, num_key_value_heads=2,
-                                intermediate_size=128, sliding_window=4096)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=128, use_sliding_window=False)
-    if arch == "phi3":
-        return tf.Phi3Config(**TINY, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=128, sliding_window=None, pad_token_id=0,
-                             original_max_position_embeddings=512)
-    if arch == "gpt2":
-        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=512,
-                             n_positions=512, initializer_range=0.3)
-    raise ValueError(arch)
+    if arch not in FAMILIES:
+        raise ValueError(f"no tiny config for {arch!r}; known: {', '.join(FAMILIES)}")
+    cls, kwargs = FAMILIES[arch]
+    return getattr(tf, cls)(**kwargs)
 
 
 def make_tiny_hf(arch: str, directory: str | Path) -> Path:

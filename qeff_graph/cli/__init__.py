@@ -20,7 +20,8 @@ from qeff_graph.errors import QeffGraphError
 
 __all__ = ["main", "build_parser"]
 
-_COMMANDS = ("infer", "embed", "optimize", "passes", "inspect", "export", "compile", "execute", "bench")
+_COMMANDS = ("infer", "embed", "optimize", "verify", "passes", "inspect", "export", "compile", "execute",
+             "bench")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -17,7 +18,10 @@ def add_parser(sub) -> None:
                        "Each variant is compiled once (cached like `infer`); runs are interleaved "
                        "round-robin and each number is the median over --repeats. Variants: "
                        "fp32 (retained-KV program, IO binding), numpy (numpy feeds, no IO binding), "
-                       "kv-fp16 (float16 KV cache), int8 (--mxfp6: 8-bit MatMulNBits), int4. "
+                       "kv-fp16 (float16 KV cache), int8 (--mxfp6: 8-bit MatMulNBits), int4, and speculative "
+                       "decoding on the fp32 program compiled with --num-speculative-tokens: spec-lookup (prompt "
+                       "lookup), spec-int4 (the int4 program drafts) and spec-draft (--draft), with their acceptance rate "
+                       "and tokens per target step. "
                        "--task embed: sentences/s of an encoder program (default: all-MiniLM-L6-v2) beside plain "
                        "ONNX Runtime on its unmodified export and sentence-transformers on torch, every text "
                        "exactly --seq-len tokens (bench-embed.json).")
@@ -37,6 +41,16 @@ def add_parser(sub) -> None:
     add(p, "--prompt-tokens", type=positive_int, default=64, help="prompt length of every row")
     add(p, "--generation-len", type=positive_int, default=64, help="tokens generated per row")
     add(p, "--repeats", type=positive_int, default=3, help="rounds over all variants")
+    add(p, "--prompt-set", choices=["text", "code-rewrite"], default="text",
+        help="text: --prompt-tokens of English text per row, run to --generation-len; code-rewrite: an "
+        "input-grounded task (chat template: rewrite a Python function with a variable renamed, a different "
+        "function per row), stopped at EOS or --generation-len")
+    add(p, "--num-speculative-tokens", type=positive_int, default=4, metavar="K",
+        help="K of the spec-* variants (drafted tokens per step; K+1 <= --prompt-len)")
+    add(p, "--lookup-ngram", type=positive_int, default=None, metavar="N",
+        help="spec-lookup: longest n-gram matched, then fewer down to 2 (default: 3)")
+    add(p, "--draft", default=None, metavar="PATH_OR_ID",
+        help="the spec-draft variant's draft: a program dir, or a model dir / .gguf / hub id (same tokenizer)")
     add(p, "--seq-len", type=positive_int, default=128, help="--task embed: tokens of every text")
     add(p, "--texts", type=positive_int, default=256, help="--task embed: texts embedded per measurement")
     add(p, "--peers", default="qeff-graph,ort-export,sentence-transformers",
@@ -60,18 +74,29 @@ def run(args) -> int:
     if args.task == "embed":
         return _run_embed(args, out_dir)
     args.batch_sizes = args.batch_sizes or [1, 4]
+    load_before = os.getloadavg()[0]
     rows = run_bench(args.model_name, gguf_file=args.gguf_file, variants=variants,
                      batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
                      prompt_tokens=args.prompt_tokens, generation_len=args.generation_len,
                      repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir,
-                     progress=True)
+                     progress=True, num_speculative_tokens=args.num_speculative_tokens,
+                     prompt_set=args.prompt_set, lookup_ngram=args.lookup_ngram, draft=args.draft)
     model = args.model_name or "SmolLM2-135M-Instruct (embedded)"
     machine = f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
     meta = {"model": model, "machine": machine, "prompt_len": args.prompt_len, "ctx_len": args.ctx_len,
             "prompt_tokens": args.prompt_tokens, "generation_len": args.generation_len,
-            "repeats": args.repeats}
-    print(f"{model} | {machine} | prompt {args.prompt_tokens} tokens, {args.generation_len} generated, "
-          f"ctx_len {args.ctx_len}, median of {args.repeats}")
+            "repeats": args.repeats, "prompt_set": args.prompt_set,
+            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    if any(v.startswith("spec-") for v in variants):
+        meta["num_speculative_tokens"] = args.num_speculative_tokens
+    if args.draft:
+        meta["draft"] = args.draft
+    prompt = (f"prompt {args.prompt_tokens} tokens" if args.prompt_set == "text"
+              else "code-rewrite prompts (chat template, stop at EOS)")
+    spec = f", K={args.num_speculative_tokens}" if "num_speculative_tokens" in meta else ""
+    print(f"{model} | {machine} (load average {meta['loadavg_1min'][0]:.1f} before, "
+          f"{meta['loadavg_1min'][1]:.1f} after) | {prompt}, {args.generation_len} generated, "
+          f"ctx_len {args.ctx_len}{spec}, median of {args.repeats}")
     print(format_table(rows))
     out = write_results(rows, args.output_dir, meta)
     print(f"wrote {out}")

@@ -23,7 +23,7 @@ from qeff_graph.cli.options import (
 HELP = "build a program directory for a backend (ort: runnable by `execute`; qaic: qaic-exec)"
 # kept from an input program when the backend changes: what the program is, not how it is compiled
 _PORTABLE = ("ctx_len", "prompt_len", "batch_size", "full_batch_size", "kv_dtype", "passes", "sliding_window", "kind",
-             "seq_lens", "pooling", "normalize")
+             "seq_lens", "pooling", "normalize", "num_speculative_tokens")
 
 
 def add_parser(sub) -> None:

@@ -42,7 +42,7 @@ def _same_model(a: str, b: str) -> bool:
 def run(args) -> int:
     from qeff_graph.cli.infer import print_output, write_output_json
     from qeff_graph.errors import QeffGraphError
-    from qeff_graph.models.causal_lm import generate_text, load_tokenizer
+    from qeff_graph.models.causal_lm import check_draft_options, generate_text, load_tokenizer, resolve_draft
     from qeff_graph.program import Program
 
     prompts = read_prompts(args.prompt, args.prompts_txt_file_path)
@@ -58,10 +58,12 @@ def run(args) -> int:
     compiled_from = program.manifest.get("model_name")
     if args.model_name and compiled_from and not _same_model(args.model_name, compiled_from):
         raise QeffGraphError(f"qpc dir {args.qpc_path} was compiled from {compiled_from}, not {args.model_name}")
+    check_draft_options(args.draft, args.lookup_ngram, spec)
+    draft = resolve_draft(args.draft, program)
     tokenizer = load_tokenizer(program.path)
     out = generate_text(program, tokenizer, prompts, generation_len=args.generation_len, stream=args.stream,
                         threads=args.threads or spec.threads(), chat_template=args.chat_template,
-                        write_io_dir=args.write_io_dir)
+                        write_io_dir=args.write_io_dir, draft=draft, lookup_ngram=args.lookup_ngram)
     print_output(out, ctx_len=spec.ctx_len, stream=args.stream)
     if args.output_json:
         write_output_json(args.output_json, {**out.to_json(), "qpc_path": str(args.qpc_path),

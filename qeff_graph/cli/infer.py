@@ -59,6 +59,12 @@ def print_output(out, *, ctx_len: int, stream: bool) -> None:
     print(f"TTFT: {perf['ttft_s']:.3f} s | prefill: {perf['prefill_s']:.3f} s | decode: "
           f"{perf['decode_tok_s'] or 0:.1f} tok/s | total: {perf['total_tok_s'] or 0:.1f} tok/s | "
           f"E2E: {perf['e2e_s']:.2f} s")
+    if "drafter" in perf:
+        rate = perf["acceptance_rate"]
+        print(f"speculative: {perf['drafter']}, K={perf['num_speculative_tokens']} | acceptance: "
+              f"{'-' if rate is None else f'{100 * rate:.1f}%'} ({perf['draft_tokens_accepted']}/"
+              f"{perf['draft_tokens_proposed']} drafted tokens) | {perf['tokens_per_target_step'] or 0:.2f} tokens "
+              f"per target step ({perf['verify_steps']} of {perf['target_steps']} steps verified drafts)")
 
 
 def write_output_json(path: str, data: dict) -> None:
@@ -69,11 +75,13 @@ def write_output_json(path: str, data: dict) -> None:
 
 def run(args) -> int:
     from qeff_graph.models import QEFFAutoModelForCausalLM
+    from qeff_graph.models.causal_lm import check_draft_options
     from qeff_graph.program import ProgramSpec
 
     prompts = read_prompts(args.prompt, args.prompts_txt_file_path)
     check_run_outputs(args)
     spec = ProgramSpec(**spec_options(args))  # every option error before the model is touched
+    check_draft_options(args.draft, args.lookup_ngram, spec)
     model = QEFFAutoModelForCausalLM.from_pretrained(
         args.local_model_dir or args.model_name, gguf_file=args.gguf_file, hf_token=args.hf_token,
         cache_dir=args.cache_dir, exporter=args.exporter, force=args.force, verify_cache=args.verify_cache,
@@ -83,7 +91,7 @@ def run(args) -> int:
         stop_after_qaic_compile(model.program)
     out = model.generate(prompts=prompts, generation_len=args.generation_len, stream=args.stream,
                          threads=args.threads, chat_template=args.chat_template,
-                         write_io_dir=args.write_io_dir)
+                         write_io_dir=args.write_io_dir, draft=args.draft, lookup_ngram=args.lookup_ngram)
     print_output(out, ctx_len=spec.ctx_len, stream=args.stream)
     if args.output_json:
         write_output_json(args.output_json, out.to_json())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
-HELP = "show an ONNX model's IO, op histogram, KV cache layout and weight bytes"
+HELP = "show an ONNX model's IO, op histogram, KV cache layout, attention sites and weight bytes"
 
 
 def add_parser(sub) -> None:
@@ -39,6 +40,15 @@ def run(args) -> int:
     else:
         print(f"kv cache: {kv['layers']} layers, {kv['kv_heads']} kv heads, head_dim "
               f"{kv['head_dim']}, sequence axis {kv['sequence_axis']}, {kv['dtype']}, {kv['form']}")
+    att = info["attention"]
+    if isinstance(att, dict):
+        print(f"attention: not understood ({att['error']})")
+    elif att:
+        kinds = collections.Counter(a["kind"] for a in att)
+        biases = sum(a["bias_terms"] for a in att)
+        print(f"attention: {len(att)} sites ({', '.join(f'{n} {k}' for k, n in kinds.items())})"
+              + (f", {biases} score biases kept (ALiBi/relative)" if biases else "")
+              + (", soft-capped" if any(a["softcap"] for a in att) else ""))
     print(f"weights: {_mib(info['weight_bytes'])} in {info['initializers']} initializers"
           + (f", external data: {', '.join(info['external_data_files'])}" if info["external_data_files"] else ""))
     print(f"nodes: {info['nodes']}")

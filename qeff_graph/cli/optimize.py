@@ -21,13 +21,15 @@ def add_parser(sub) -> None:
     add_program_options(p)
     add(p, "--weight-bits", type=int, choices=[4, 8], default=None,
         help="add matmul-nbits: weight-only 4/8-bit MatMulNBits for ONNX Runtime (what --mxfp6 "
-        "means on the ort backend)")
+        "means on the ort backend); 4 on an export of a GGUF model carries the GGUF's own blocks")
     add(p, "--passes", default=None, metavar="a,b,c",
         help="comma-separated registered pass names replacing the default pipeline "
         "(see `qeff-graph passes`)")
-    add(p, "--verify", nargs="?", const="checker", choices=["checker", "ort"], default=None,
+    add(p, "--verify", nargs="?", const="checker", choices=["checker", "ort", "numeric"], default=None,
         help="verify the graph after every pass that changed it (checker: ONNX checker + shape "
-        "inference; ort: also load it in ONNX Runtime)")
+        "inference; ort: also load it in ONNX Runtime); numeric: checker, then run the finished "
+        "program against the source export on 4 prompts × 8 tokens (as `qeff-graph verify`) and "
+        "write nothing unless every token is equal and logits are within 1e-4")
     add(p, "--dump-before", action="append", default=[], metavar="PASS",
         help="dump the graph (text, no weights) before this pass of the pipeline; repeatable")
     add(p, "--dump-after", action="append", default=[], metavar="PASS",

@@ -19,7 +19,7 @@ __all__ = ["HelpFormatter", "add", "add_compression_options", "add_program_optio
 # argparse dests that are ProgramSpec fields
 SPEC_ARGS = ("ctx_len", "prompt_len", "batch_size", "full_batch_size", "kv_dtype", "weight_bits", "passes",
              "backend", "num_cores", "mxfp6", "mxint8", "mos", "aic_enable_depth_first", "device_group",
-             "aic_hw_version")
+             "aic_hw_version", "num_speculative_tokens")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,6 +73,10 @@ def add_program_options(parser: argparse.ArgumentParser, *, inherit: str = "") -
         "adds the batch_index input")
     add(parser, "--kv-dtype", choices=["float32", "float16"], default=None,
         help=f"precision of the KV cache IO {d('kv_dtype')}")
+    add(parser, "--num-speculative-tokens", type=positive_int, default=None, metavar="K",
+        help="speculative decoding: add a verify specialization of K+1 tokens that returns the logits of "
+        "every position (K+1 <= --prompt-len); a run then drafts K tokens per step (--draft) and keeps "
+        f"what greedy decoding would give (default: none{more})")
 
 
 def add_compression_options(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +87,8 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
     add(parser, "--mxint8", "--mxint8-kv-cache", action="store_true",
         help="compress the KV cache: qaic MXINT8 custom IO; ort: float16 KV cache")
     add(parser, "--weight-bits", type=int, choices=[4, 8], default=None,
-        help="ort: quantize matmul weights to 4 or 8 bits (the matmul-nbits pass; --mxfp6 means 8)")
+        help="ort: quantize matmul weights to 4 or 8 bits (the matmul-nbits pass; --mxfp6 means 8); 4 on a "
+        "GGUF model carries the GGUF's own blocks (exact)")
 
 
 def add_qaic_options(parser, *, num_cores_help: str) -> None:
@@ -146,6 +151,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="write prompts, texts, ids and perf stats to FILE (atomically; its folder must exist)")
     add(p, "--write-io-dir", default=None, metavar="DIR",
         help="write the first prefill and decode step's inputs/outputs as raw files + aic_batch_io.json")
+    add(p, "--draft", default=None, metavar="prompt-lookup|self-int4|none|PATH_OR_ID",
+        help="speculative decoding drafter (the program needs --num-speculative-tokens K): prompt-lookup "
+        "(default: n-gram match against the prompt and the text so far, no extra model), self-int4 (this "
+        "model's int4 program, built through the cache; infer only), PATH_OR_ID (a draft program dir, or a "
+        "model dir / .gguf / hub id compiled with the same shapes; it must have the same tokenizer), or none "
+        "(plain greedy decoding); the tokens are the same in every case")
+    add(p, "--lookup-ngram", type=positive_int, default=None, metavar="N",
+        help="--draft prompt-lookup: match the last N tokens, then fewer, down to 2 (1 with N=1) (default: 3)")
 
 
 def read_prompts(prompt: str | None, path: str | None) -> list[str]:

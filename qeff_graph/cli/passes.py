@@ -25,7 +25,7 @@ def run(args) -> int:
             print("\n".join("    " + line for line in body.splitlines()[1:]).rstrip() + "\n")
     notes = {"retained-kv": "fp16-clamp only with --kv-dtype float16; matmul-nbits only with --mxfp6 / "
                             "--weight-bits",
-             "encoder": "pooling only with a pooling mode"}
+             "encoder": "pooling only with a pooling mode; ort-fuse-encoder only on the ort backend"}
     for pipeline, names in PIPELINES.items():
         print(f"\npipeline {pipeline}: " + " -> ".join(names) + f" ({notes.get(pipeline, '')})")
     return 0

@@ -30,6 +30,7 @@ from .exporter import (
     ONNX_FILENAME,
     _consolidate_external,
     check_export_options,
+    dynamo_export,
     run_exporter,
     save_config_and_tokenizer,
 )
@@ -160,10 +161,8 @@ def _trace(wrapper, args, names: list[str], onnx_path: Path, exporter: str, opse
         b = torch.export.Dim("batch_size", max=4096)
         s = torch.export.Dim("sequence_length", max=longest)
         dyn = (tuple({0: b, 1: s} for _ in names),)  # one entry: the wrapper takes *args
-        with quiet():
-            torch.onnx.export(wrapper, args, str(onnx_path), input_names=names, output_names=["last_hidden_state"],
-                              dynamic_shapes=dyn, opset_version=opset, dynamo=True, optimize=True,
-                              external_data=external, verbose=False, report=False)
+        dynamo_export(wrapper, args, onnx_path, input_names=names, output_names=["last_hidden_state"],
+                      dynamic_shapes=dyn, opset=opset, external=external)
         return
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     axes["last_hidden_state"] = {0: "batch_size", 1: "sequence_length"}

@@ -20,6 +20,7 @@ holds ``model.onnx`` (+ ``model.onnx.data`` for models over 64 MiB of fp32 weigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ ONNX_FILENAME = "model.onnx"
 EXTERNAL_DATA_THRESHOLD = 64 * 2**20  # fp32 weight bytes above which weights go to model.onnx.data
 # (keeps the proto small: later loads and rewrites never parse or copy the weights)
 EXAMPLE = dict(batch=2, seq=3, past=4)  # all distinct and > 1 so no dim gets specialised
+EXPORTABLE_EXPERTS = "batched_mm"  # the transformers experts implementation both exporters convert
 
 
 @dataclass
@@ -194,16 +196,35 @@ def check_export_dir(out_dir: Path) -> None:
 
 def run_exporter(what: str, source: str, exporter: str, opset: int, call) -> None:
     """Run a torch exporter ``call`` as a progress task; its failures become one line naming
-    the model, the exporter and the other exporter to try."""
+    the model, the exporter, what the model did that the exporter refused (the operator or shape
+    guard, and the model line) and the other exporter to try."""
     try:
         with _progress.task(what):
             call()
     except QeffGraphError:
         raise
     except Exception as e:  # noqa: BLE001 - exporter failures become one-liners
-        other = "torchscript" if exporter == "dynamo" else "dynamo"
-        raise QeffGraphError(f"ONNX export of {source} with {exporter} (opset {opset}) "
-                             f"failed: {_one_line(e)}; try exporter={other!r}") from e
+        from .failures import explain_export_failure
+
+        raise QeffGraphError(f"ONNX export of {source} with {exporter} (opset {opset}) failed: "
+                             f"{explain_export_failure(e, exporter, opset)}") from e
+
+
+def dynamo_export(wrapper, args, onnx_path: Path, *, input_names: list[str], output_names: list[str],
+                  dynamic_shapes, opset: int, external: bool) -> None:
+    """``torch.onnx.export(dynamo=True)`` without its optimizer, then the same optimization
+    minus the rules that drop tiny constants (:func:`.graph_fixes.optimize_keeping_constants`:
+    ``+ 1e-8`` stays in the graph); writes ``onnx_path`` (+ ``.data`` when ``external``)."""
+    import torch
+
+    from .graph_fixes import optimize_keeping_constants
+
+    with quiet():
+        program = torch.onnx.export(wrapper, args, None, input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
+                                    optimize=False, verbose=False, report=False)
+        optimize_keeping_constants(program.model)
+        program.save(str(onnx_path), external_data=external)
 
 
 def save_config_and_tokenizer(model, tokenizer, directory: Path) -> bool:
@@ -226,36 +247,114 @@ def save_config_and_tokenizer(model, tokenizer, directory: Path) -> bool:
             return False
 
 
-def _torch_export(wrapper, args, onnx_path: Path, exporter: str, opset: int,
-                  in_names: list[str], out_names: list[str], external: bool) -> str:
+def _dynamic_shapes(n_past: int, longest: int | None):
+    """torch.export dims of the wrapper's inputs. The sequence has at least one token and the
+    past may be empty; with a model maximum (a bounded position table: learned or sinusoidal
+    positions, MPT's ALiBi table) both are bounded by it, so torch.export can settle the guards
+    the model makes against its table size instead of failing on them."""
     import torch
 
-    n_past = len(args) - 3
+    D = torch.export.Dim
+    bound = {"max": longest} if longest else {}
+    b = D("batch_size")
+    s = D("sequence_length", min=1, **bound)
+    p = D("past_sequence_length", min=0, **({"max": longest - 1} if longest else {}))
+    # total = past + seq is not expressible as a derived Dim (only one root allowed); a
+    # named independent Dim fails torch.export's range check (total >= 4 inferred from
+    # past, seq >= 2) and torch.onnx then re-runs the whole trace with refined shapes,
+    # doubling the time. Dim.DYNAMIC lets export infer the relation in one pass (the
+    # ONNX dim is renamed to total_sequence_length afterwards).
+    t = D.DYNAMIC
+    return ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(n_past)))
+
+
+def _torch_export(wrapper, args, onnx_path: Path, exporter: str, opset: int,
+                  in_names: list[str], out_names: list[str], external: bool, longest: int | None = None) -> None:
+    import torch
+
     if exporter == "dynamo":
-        D = torch.export.Dim
-        b, s = D("batch_size"), D("sequence_length")
-        p = D("past_sequence_length")
-        # total = past + seq is not expressible as a derived Dim (only one root allowed); a
-        # named independent Dim fails torch.export's range check (total >= 4 inferred from
-        # past, seq >= 2) and torch.onnx then re-runs the whole trace with refined shapes,
-        # doubling the time. Dim.DYNAMIC lets export infer the relation in one pass (the
-        # ONNX dim is renamed to total_sequence_length afterwards).
-        t = D.DYNAMIC
-        dyn = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(n_past)))
-        with quiet() as buf:
-            torch.onnx.export(wrapper, args, str(onnx_path), input_names=in_names,
-                              output_names=out_names, dynamic_shapes=dyn, opset_version=opset,
-                              dynamo=True, optimize=True, external_data=external, verbose=False,
-                              report=False)
-        return buf.getvalue()
+        dynamo_export(wrapper, args, onnx_path, input_names=in_names, output_names=out_names,
+                      dynamic_shapes=_dynamic_shapes(len(args) - 3, longest), opset=opset, external=external)
+        return
     axes: dict[str, dict[int, str]] = {}
     for name in in_names + out_names:
         axes[name] = {i: lbl for i, lbl in enumerate(_canonical_dims(name)) if lbl is not None}
-    with quiet() as buf, torch.no_grad():
+    torch._C._jit_set_onnx_log_enabled(False)  # else a failure prints the whole TorchScript graph
+    with quiet(), torch.no_grad():
         torch.onnx.export(wrapper, args, str(onnx_path), input_names=in_names,
                           output_names=out_names, dynamic_axes=axes, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
-    return buf.getvalue()
+                          dynamo=False, do_constant_folding=True, verbose=False)
+
+
+@contextlib.contextmanager
+def exportable_experts(model):
+    """Mixture-of-experts layers run with an experts implementation both exporters convert.
+
+    transformers 5 defaults experts to ``grouped_mm`` (a custom op on CPU, ``aten::histc``
+    to count tokens per expert), which neither torch exporter converts; ``batched_mm`` gathers
+    each token's experts' weights and uses batched matmuls: same result, plain ops. Routers are
+    untouched. The model's own setting is restored afterwards. Models without switchable
+    experts (or transformers 4) are left as they are."""
+    can = getattr(type(model), "_can_set_experts_implementation", None)
+    get = getattr(model, "get_experts_implementation", None)
+    set_ = getattr(model, "set_experts_implementation", None)
+    if not (callable(can) and callable(get) and callable(set_)) or not can():
+        yield None
+        return
+    before = get()
+    if before.get("") == EXPORTABLE_EXPERTS:
+        yield EXPORTABLE_EXPERTS
+        return
+    set_(EXPORTABLE_EXPERTS)
+    try:
+        yield EXPORTABLE_EXPERTS
+    finally:
+        set_(before)
+
+
+def observed_geometry(model, geo):
+    """The KV geometry the model really caches: one forward of two tokens with an empty cache
+    (the config can be read wrongly: multi-query, broadcast KV groups). Returns ``geo`` updated
+    with the heads and head_dim of the cache the model returned."""
+    import dataclasses
+
+    import torch
+
+    from .wrapper import cache_tensors
+
+    with torch.no_grad():
+        ids = torch.zeros(1, 2, dtype=torch.int64)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    position_ids=torch.arange(2).unsqueeze(0), use_cache=True, return_dict=True)
+    tensors = cache_tensors(out.past_key_values)
+    if len(tensors) != 2 * geo.num_layers:
+        raise QeffGraphError(f"{type(model).__name__} returned {len(tensors) // 2} cache layers, its config "
+                             f"says {geo.num_layers}; only a cache of one key and value per layer is supported")
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        raise QeffGraphError(f"{type(model).__name__} caches tensors of shapes {sorted(shapes)[:3]}; export "
+                             "needs one [batch, kv_heads, seq, head_dim] shape for every layer")
+    _, heads, _, head_dim = next(iter(shapes))
+    return dataclasses.replace(geo, num_kv_heads=int(heads), head_dim=int(head_dim))
+
+
+def _fix_graph(path: Path, in_names: list[str], exporter: str) -> dict:
+    """Post-export fixes (:mod:`.graph_fixes`) on the graph file (weights are not read):
+    restore a dropped ``position_ids``; TorchScript's bfloat16 casts numbered as complex128;
+    bfloat16 arithmetic computed in float32 (ORT CPU has no bfloat16 kernels). Returns what was
+    done."""
+    import onnx
+
+    from .graph_fixes import compute_bfloat16_in_float32, fix_torchscript_bfloat16_casts, restore_dropped_inputs
+
+    model = onnx.load(str(path), load_external_data=False)
+    done = {"restored_inputs": restore_dropped_inputs(model, in_names, {"position_ids": "input_ids"})}
+    if exporter == "torchscript":
+        done["bfloat16_casts_fixed"] = fix_torchscript_bfloat16_casts(model)
+    done["bfloat16_nodes_in_float32"] = compute_bfloat16_in_float32(model)
+    if any(done.values()):
+        onnx.save_model(model, str(path))
+    return done
 
 
 def export_causal_lm(model_or_path: Any = None, out_dir: str | os.PathLike = "onnx_export",
@@ -293,8 +392,9 @@ def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, 
         model_or_path, gguf_file = str(d), g
     if isinstance(model_or_path, (str, os.PathLike)):
         _, gguf_resolved, _ = resolve_source(model_or_path, gguf_file)
-        source = os.fspath(model_or_path) if gguf_file is None else \
-            f"{os.fspath(model_or_path)}::{gguf_file}"
+        base = os.fspath(model_or_path)
+        base = os.path.abspath(base) if os.path.exists(base) else base  # a local path works from any folder
+        source = base if gguf_file is None else f"{base}::{gguf_file}"
         gguf_file = gguf_resolved
         _progress.checkpoint("export:load")
         with _progress.task(f"export: loading {source}"):
@@ -317,17 +417,31 @@ def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, 
     from qeff_graph.artifact import file_table
     from qeff_graph.fs import AtomicDir
 
+    from .loader import attention_windows, max_positions
     from .wrapper import FlatCacheCausalLM, example_inputs, io_names, kv_geometry
 
     try:
         geo = kv_geometry(model.config)
     except (ValueError, AttributeError, TypeError) as e:
         raise QeffGraphError(f"cannot read the KV cache geometry of {source}: {_one_line(e)}")
+    try:
+        geo = observed_geometry(model, geo)
+    except QeffGraphError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model itself fails: one line
+        raise QeffGraphError(f"{source} fails a forward pass of two tokens before export: {_one_line(e)}") from e
+    longest = max_positions(model.config)
+    if longest is not None and longest < EXAMPLE["past"] + EXAMPLE["seq"]:
+        longest = None  # a table shorter than the example inputs: export unbounded, as before
+    try:
+        windows = attention_windows(model.config)
+    except QeffGraphError:
+        windows = None  # not a sliding-window model the passes support: they say so
     in_names, out_names = io_names(geo.num_layers)
     n_params = sum(p.numel() for p in model.parameters())
     external = n_params * 4 > EXTERNAL_DATA_THRESHOLD
 
-    with AtomicDir(out_dir, label="export") as tmp:
+    with AtomicDir(out_dir, label="export") as tmp, exportable_experts(model) as experts:
         # -- export -------------------------------------------------------------------------
         t1 = time.perf_counter()
         _progress.checkpoint("export:trace")
@@ -339,11 +453,13 @@ def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, 
         what = (f"export: {type(model).__name__} with {exporter} (opset {opset}, {geo.num_layers} layers, "
                 f"{geo.num_kv_heads} kv heads × {geo.head_dim}, {n_params / 1e6:.1f} M params)")
         run_exporter(what, source, exporter, opset,
-                     lambda: _torch_export(wrapper, args, onnx_path, exporter, opset, in_names, out_names, external))
+                     lambda: _torch_export(wrapper, args, onnx_path, exporter, opset, in_names, out_names, external,
+                                           longest))
         if not onnx_path.is_file():
             raise QeffGraphError(f"ONNX export of {source} with {exporter} wrote no model")
         if exporter == "torchscript":
             _consolidate_external(tmp, onnx_path, external)
+        fixes = _fix_graph(onnx_path, in_names, exporter)
         _finalize_onnx(onnx_path, in_names, out_names, geo)
         timings["export"] = time.perf_counter() - t1
 
@@ -372,6 +488,10 @@ def _export(model_or_path, out_dir: Path, exporter, opset, gguf_file, hf_token, 
             "inputs": in_names,
             "outputs": out_names,
             "example_shapes": EXAMPLE,
+            "max_positions": longest,
+            "attention_windows": windows,
+            "experts_implementation": experts,
+            "graph_fixes": fixes,
             "tokenizer_saved": tokenizer_saved,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "onnx": onnx.__version__},

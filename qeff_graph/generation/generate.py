@@ -14,6 +14,17 @@ runs chunk by chunk; a row's first token comes from the chunk holding its last r
 Decode runs all slots together, one token per busy slot at ``position = prompt_len_of_row +
 step``, idle slots at position -1. A row stops at EOS, at ``generation_len`` tokens, or when
 its next position would be ``ctx_len``.
+
+Speculative decoding (a ``drafter``, :mod:`qeff_graph.generation.speculative`; the program
+compiled with ``num_speculative_tokens=K``): before a decode step the drafter proposes up to K
+tokens per busy row; the loop then runs the program's *verify* step instead — K+1 tokens per
+row (the row's next token, the proposals, fillers for missing ones) at positions ``p .. p+K``,
+logits for all of them — and accepts per row the longest prefix of proposals that equals the
+program's own greedy tokens, plus the program's next token after it. So each verify step emits
+1 to K+1 tokens per row and the tokens are those of plain greedy decoding. A rejected token needs
+no rollback: its cache slot lies beyond the row's next position, the position mask hides it, and
+the next step writes that slot again. A plain decode step runs instead when no row got a
+proposal or a verify step would reach past ``ctx_len``.
 """
 
 from __future__ import annotations
@@ -28,7 +39,8 @@ import numpy as np
 
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["GenerationResult", "StopRule", "check_prompts", "generate_ids", "make_perf", "pad_prompts"]
+__all__ = ["GenerationResult", "StopRule", "check_prompts", "generate_ids", "last_logits", "make_perf",
+           "pad_prompts", "prefill_rows"]
 
 
 @dataclasses.dataclass
@@ -50,6 +62,7 @@ def generate_ids(
     on_tokens: Callable[[int, list[int]], None] | None = None,
     on_finish: Callable[[int, str], None] | None = None,
     return_logits: bool = False,
+    drafter=None,
 ) -> GenerationResult:
     """Generate greedily for every prompt (token ids) through the ``session.batch_size`` slots.
 
@@ -57,10 +70,13 @@ def generate_ids(
     ``on_tokens(prompt_index, new_token_ids)`` is called as tokens are produced (streaming);
     ``on_finish(prompt_index, reason)`` once when a prompt stops (reason as in ``stop_reasons``).
     ``return_logits`` keeps, per prompt, the float32 logits each generated token came from.
+    ``drafter`` (a :class:`~qeff_graph.generation.speculative.Drafter` whose ``k`` is the
+    program's ``num_speculative_tokens``) turns on speculative decoding: same tokens, fewer steps;
+    ``perf`` then also reports the acceptance rate and tokens per target step.
     """
     check_prompts(prompts, session.ctx_len, prompt_len)
     loop = _Loop(session, prompts, prompt_len, StopRule.of(eos_token_id, generation_len, session.ctx_len),
-                 on_tokens, on_finish, return_logits)
+                 on_tokens, on_finish, return_logits, drafter)
     return loop.run()
 
 
@@ -69,8 +85,9 @@ class _Loop:
 
     def __init__(self, session, prompts: Sequence[Sequence[int]], prompt_len: int, stop: StopRule,
                  on_tokens: Callable[[int, list[int]], None] | None,
-                 on_finish: Callable[[int, str], None] | None, return_logits: bool):
+                 on_finish: Callable[[int, str], None] | None, return_logits: bool, drafter=None):
         self.session, self.prompts, self.prompt_len, self.stop = session, prompts, prompt_len, stop
+        self.drafter = drafter
         self.on_tokens, self.on_finish = on_tokens, on_finish
         self.continuous = bool(getattr(session, "continuous_batching", False))
         self.slots = session.batch_size
@@ -85,6 +102,10 @@ class _Loop:
         self.decode_tokens = 0
         self.ttft: float | None = None
         self.start = 0.0
+        # speculative decoding: target steps (decode + verify), busy rows summed over them,
+        # verify steps, proposed and accepted draft tokens, seconds spent drafting
+        self.steps = self.row_steps = self.verify_steps = self.proposed = self.accepted = 0
+        self.draft_s = 0.0
 
     def run(self) -> GenerationResult:
         """Refill and decode until the queue is empty and every slot is idle."""
@@ -100,6 +121,8 @@ class _Loop:
                          e2e=time.perf_counter() - self.start)
         if self.continuous:
             perf["full_batch_size"] = self.slots
+        if self.drafter is not None:
+            perf.update(self.speculative_perf())
         return GenerationResult([list(p) for p in self.prompts], self.out_ids, self.reasons, perf,
                                 self.out_logits)
 
@@ -120,34 +143,104 @@ class _Loop:
 
     def prefill(self, assign: list[tuple[int, int]], rows: int) -> None:
         """Prefill prompts ``assign = [(slot, prompt_index)]`` as one ``rows``-row batch."""
-        ids, pos, lens = pad_prompts([self.prompts[i] for _, i in assign], rows, self.prompt_len)
-        index = (np.array([[slot] for slot, _ in assign], dtype=np.int64),) if self.continuous else ()
+        prompts = [self.prompts[i] for _, i in assign]
+        slots = [slot for slot, _ in assign] if self.continuous else None
         t0 = time.perf_counter()
-        last = None
-        for c in range(ids.shape[1] // self.prompt_len):
-            sl = slice(c * self.prompt_len, (c + 1) * self.prompt_len)
-            logits = self.session.run(ids[:, sl], pos[:, sl], *index, phase="prefill")
-            has = (pos[:, sl] >= 0).any(axis=1)  # rows with real tokens in this chunk
-            last = logits[:, 0].copy() if last is None else np.where(has[:, None], logits[:, 0], last)
+        last, lens = prefill_rows(self.session, prompts, rows=rows, prompt_len=self.prompt_len, slots=slots)
         self.prefill_s += time.perf_counter() - t0
         if self.ttft is None:
             self.ttft = time.perf_counter() - self.start
         for r, (slot, i) in enumerate(assign):
             self.owner[slot], self.next_pos[slot] = i, lens[r]
             self.emit(slot, last[r])
+        if self.drafter is not None:  # the draft's own cache learns the prompts (after the first token)
+            t0 = time.perf_counter()
+            self.drafter.prefill(prompts, rows=rows, slots=slots)
+            self.prefill_s += time.perf_counter() - t0
+
+    def index(self) -> tuple:
+        """``batch_index`` of an all-slots step (continuous batching), else nothing."""
+        return (np.arange(self.slots, dtype=np.int64).reshape(self.slots, 1),) if self.continuous else ()
 
     def decode(self) -> None:
-        """One step of every slot; idle slots read position -1."""
+        """One step of every slot (a verify step when the drafter proposed); idle slots read position -1."""
         t0 = time.perf_counter()
         busy = self.busy()
-        index = (np.arange(self.slots, dtype=np.int64).reshape(self.slots, 1),) if self.continuous else ()
-        logits = self.session.run(self.feed.reshape(self.slots, 1),
-                                  np.where(busy, self.next_pos, -1).reshape(self.slots, 1), *index)
-        self.decode_tokens += int(busy.sum())
-        self.next_pos += busy
-        for slot in np.flatnonzero(busy):
-            self.emit(int(slot), logits[slot, 0])
+        proposals = self.propose(busy)
+        if proposals is not None:
+            self.verify(busy, proposals)
+        else:
+            logits = self.session.run(self.feed.reshape(self.slots, 1),
+                                      np.where(busy, self.next_pos, -1).reshape(self.slots, 1), *self.index())
+            self.decode_tokens += int(busy.sum())
+            self.next_pos += busy
+            for slot in np.flatnonzero(busy):
+                self.emit(int(slot), logits[slot, 0])
+        self.steps += 1
+        self.row_steps += int(busy.sum())
         self.decode_s += time.perf_counter() - t0
+
+    def sequence(self, slot: int) -> list[int]:
+        """The committed tokens of ``slot``'s row: its prompt and what it generated (the last one
+        at ``next_pos``, not yet in the cache)."""
+        i = self.owner[slot]
+        return [*self.prompts[i], *self.out_ids[i]]
+
+    def propose(self, busy: np.ndarray) -> dict[int, list[int]] | None:
+        """The drafter's proposals per busy slot, or None for a plain decode step (no drafter, no
+        proposal, or a verify step would write past the cache)."""
+        if self.drafter is None:
+            return None
+        slots = [int(s) for s in np.flatnonzero(busy)]
+        k = self.drafter.k
+        if any(self.next_pos[s] + k >= self.session.ctx_len for s in slots):
+            return None
+        t0 = time.perf_counter()
+        proposals = self.drafter.propose({s: self.sequence(s) for s in slots})
+        self.draft_s += time.perf_counter() - t0
+        proposals = {s: [int(t) for t in proposals.get(s, [])[:k]] for s in slots}
+        return proposals if any(proposals.values()) else None
+
+    def verify(self, busy: np.ndarray, proposals: dict[int, list[int]]) -> None:
+        """One verify step (K+1 tokens per busy row); emit each row's accepted tokens."""
+        k = self.drafter.k
+        ids = np.zeros((self.slots, k + 1), dtype=np.int64)
+        pos = np.full((self.slots, k + 1), -1, dtype=np.int64)
+        for s, drafted in proposals.items():
+            ids[s] = [self.feed[s], *drafted, *[self.feed[s]] * (k - len(drafted))]  # fillers: never accepted
+            pos[s] = self.next_pos[s] + np.arange(k + 1)
+        logits = self.session.run(ids, pos, *self.index(), phase="verify")
+        if logits.shape[1] != k + 1:
+            raise QeffGraphError(f"the program returned logits for {logits.shape[1]} of the {k + 1} tokens of a "
+                                 f"verify step; compile it with --num-speculative-tokens {k}")
+        greedy = logits.argmax(axis=-1)
+        self.verify_steps += 1
+        for s, drafted in proposals.items():
+            taken = 0
+            while taken < len(drafted) and drafted[taken] == greedy[s, taken]:
+                taken += 1
+            self.proposed += len(drafted)
+            self.accepted += taken
+            for j in range(taken + 1):  # the accepted proposals, then the program's own next token
+                self.next_pos[s] += 1
+                self.decode_tokens += 1
+                self.emit(s, logits[s, j])
+                if self.owner[s] < 0:
+                    break
+
+    def speculative_perf(self) -> dict:
+        """Acceptance rate and tokens per target step (per row) of speculative decoding."""
+        return {
+            "drafter": self.drafter.name,
+            "num_speculative_tokens": self.drafter.k,
+            "target_steps": self.steps,
+            "verify_steps": self.verify_steps,
+            "draft_tokens_proposed": self.proposed,
+            "draft_tokens_accepted": self.accepted,
+            "acceptance_rate": round(self.accepted / self.proposed, 4) if self.proposed else None,
+            "tokens_per_target_step": round(self.decode_tokens / self.row_steps, 3) if self.row_steps else None,
+            "draft_s": round(self.draft_s, 4),
+        }
 
     def emit(self, slot: int, logits: np.ndarray) -> None:
         """Append the greedy token of ``slot``'s ``logits``; free the slot if its row stops."""
@@ -187,6 +280,36 @@ class StopRule:
         if next_pos >= self.ctx_len:
             return "ctx_len"
         return ""
+
+
+def prefill_rows(session, prompts: Sequence[Sequence[int]], *, rows: int, prompt_len: int,
+                 slots: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Chunked prefill of ``prompts`` as one ``rows``-row batch (right-padded to a multiple of
+    ``prompt_len``); with continuous batching ``slots`` are the cache rows they go to.
+
+    Returns each row's logits at its last prompt token ``[rows, vocab]`` and the prompt lengths.
+    """
+    ids, pos, lens = pad_prompts(prompts, rows, prompt_len)
+    index = (np.array([[slot] for slot in slots], dtype=np.int64),) if slots is not None else ()
+    last = None
+    for c in range(ids.shape[1] // prompt_len):
+        sl = slice(c * prompt_len, (c + 1) * prompt_len)
+        logits = last_logits(session.run(ids[:, sl], pos[:, sl], *index, phase="prefill"), pos[:, sl])
+        has = (pos[:, sl] >= 0).any(axis=1)  # rows with real tokens in this chunk
+        last = logits.copy() if last is None else np.where(has[:, None], logits, last)
+    return last, lens
+
+
+def last_logits(logits: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    """``[batch, vocab]``: each row's logits at its last valid position. A program's step returns
+    ``[batch, 1, vocab]`` (that position), or every position (a speculative program's step of at
+    most K+1 tokens), where the last valid one is the row's largest position id."""
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    if logits.shape[1] != position_ids.shape[1]:
+        raise QeffGraphError(f"the program returned logits for {logits.shape[1]} positions of a "
+                             f"{position_ids.shape[1]}-token step; expected 1 or all of them")
+    return logits[np.arange(len(logits)), position_ids.argmax(axis=1)]
 
 
 def pad_prompts(rows: Sequence[Sequence[int]], batch: int, prompt_len: int):

@@ -100,8 +100,12 @@ def _skip_back(value: ir.Value | None) -> ir.Value | None:
     return value
 
 
-def is_weight(value: ir.Value | None) -> bool:
-    """True if ``value`` is an initializer/constant, possibly behind Transpose/Cast/Identity."""
+_WEIGHT_VIEWS = frozenset({"Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear"})
+
+
+def is_weight(value: ir.Value | None, through: frozenset[str] = _WEIGHT_VIEWS) -> bool:
+    """True if ``value`` is an initializer/constant, possibly behind ops in ``through``
+    (default: Transpose/Cast/Identity/Reshape/DequantizeLinear of the default domain)."""
     seen = 0
     while value is not None and seen < 8:
         if value.const_value is not None or value.is_initializer():
@@ -111,7 +115,7 @@ def is_weight(value: ir.Value | None) -> bool:
             return False
         if node.op_type == "Constant":
             return True
-        if node.op_type not in {"Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear"}:
+        if node.op_type not in through or node.domain not in ("", "ai.onnx"):
             return False
         value = node.inputs[0]
         seen += 1

@@ -12,6 +12,7 @@ from qeff_graph.passes.kv_retention import KVRetention
 from qeff_graph.passes.last_token_logits import LastTokenLogits
 from qeff_graph.passes.manager import PassManager
 from qeff_graph.passes.matmul_nbits import MatMulNBits
+from qeff_graph.passes.ort_fuse_encoder import ORTFuseEncoder
 from qeff_graph.passes.past_shape import PastShape
 from qeff_graph.passes.pooling import Pooling
 from qeff_graph.passes.pipelines import PIPELINES, build_pipeline, pipeline_names
@@ -25,6 +26,7 @@ __all__ = [
     "KVRetention",
     "LastTokenLogits",
     "MatMulNBits",
+    "ORTFuseEncoder",
     "PassManager",
     "PastShape",
     "Pooling",

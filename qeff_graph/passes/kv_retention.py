@@ -9,9 +9,10 @@ For every layer, ``present = Concat(past, new, axis=2)`` becomes
           └──▶ the attention (everything that read the concat)
 
 with ``indices[b, h, s] = (b, h, position_ids[b, s])`` built once and shared by all layers.
-A padding token (position ``-1``) writes slot ``ctx_len - 1`` (ScatterND counts negative
-indices from the end): no query at a position ``< ctx_len - 1`` sees it, and a real token
-overwrites it if the sequence ever gets there.
+A padding token (position ``-1``) writes zeros into slot ``ctx_len - 1`` (ScatterND counts
+negative indices from the end): whatever the pad's hidden state (even NaN), the slot stays
+neutral; no query at a position ``< ctx_len - 1`` sees it, and a real token overwrites it if
+the sequence ever gets there.
 
 ``kv_dtype="float16"`` makes the cache IO float16: new rows are cast before the scatter and the
 attention reads the scattered cache cast back to the compute type.
@@ -26,9 +27,10 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
-from qeff_graph.errors import QeffGraphError, UnsupportedGraphError
+from qeff_graph.errors import PreconditionError, QeffGraphError, UnsupportedGraphError
 from qeff_graph.ir.analysis import KVEntry, find_io, find_kv_cache
 from qeff_graph.ir.build import Builder
 from qeff_graph.passes.registry import register
@@ -44,9 +46,9 @@ KV_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}
 class KVRetention(ir.passes.InPlacePass):
     """Retain the KV cache in fixed ctx_len buffers written with ScatterND at position_ids.
 
-    Expects: a dynamic-KV graph (past inputs concatenated along axis 2 into present outputs,
+    Requires: a dynamic-KV graph (past inputs concatenated along axis 2 into present outputs,
     or ONNX Attention with past/present) with ``input_ids`` and ``position_ids`` inputs.
-    Guarantees: inputs ``past_key.{i}``/``past_value.{i}`` ``[batch_size|full_batch_size,
+    Ensures: inputs ``past_key.{i}``/``past_value.{i}`` ``[batch_size|full_batch_size,
     kv_heads, ctx_len, head_dim]`` in ``kv_dtype``, outputs ``past_key.{i}_RetainedState``/
     ``past_value.{i}_RetainedState`` of the same shape/dtype; no Concat grows the cache.
     """
@@ -58,17 +60,26 @@ class KVRetention(ir.passes.InPlacePass):
         self.kv_dtype = kv_dtype
         self.continuous_batching = continuous_batching
 
+    def requires(self, model: ir.Model) -> None:
+        kv = find_kv_cache(model)
+        if kv.retained:
+            raise PreconditionError("the KV cache is already retained (this is a retained-state program); "
+                                    "pass the original export")
+        if find_io(model, kv).position_ids is None:
+            raise PreconditionError("graph has no position_ids input; re-export the model with position_ids")
+
+    def ensures(self, model: ir.Model) -> None:
+        kv = find_kv_cache(model)
+        names = {v.name for v in model.graph.outputs}
+        for layer in kv.layers:
+            for kind, entry in (("key", layer.key), ("value", layer.value)):
+                if entry.writer.op_type != "ScatterND" or f"past_{kind}.{layer.index}_RetainedState" not in names:
+                    raise ir.passes.PostconditionError(f"layer {layer.index} {kind} cache is not retained")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         kv = find_kv_cache(model)
-        if kv.retained:
-            self.stats = {"layers": len(kv.layers), "already_retained": 1}
-            return ir.passes.PassResult(model, modified=False)
         io = find_io(model, kv)
-        if io.position_ids is None:
-            raise UnsupportedGraphError(
-                "graph has no position_ids input; re-export the model with position_ids"
-            )
         kv_type = KV_DTYPES[self.kv_dtype]
         batch_dim = "full_batch_size" if self.continuous_batching else "batch_size"
 
@@ -109,6 +120,15 @@ class KVRetention(ir.passes.InPlacePass):
                 indices_cache[key] = b.op("Concat", *parts, axis=-1)
             return indices_cache[key]
 
+        real: list[ir.Value] = []
+
+        def real_rows() -> ir.Value:
+            """[B, 1, S, 1] bool: the token is real (position_ids >= 0), not a pad."""
+            if not real:
+                keep = b.op("GreaterOrEqual", io.position_ids, b.const(np.array(0, np.int64)))
+                real.append(b.op("Unsqueeze", keep, b.i64(1, 3)))
+            return real[0]
+
         def retain(entry: KVEntry, new: ir.Value, kind: str, layer: int) -> ir.Value:
             """Scatter ``new`` into the cache; return what the attention should read."""
             compute_type = new.dtype or entry.past.dtype or ir.DataType.FLOAT
@@ -117,7 +137,10 @@ class KVRetention(ir.passes.InPlacePass):
             past.dtype = kv_type
             dims = list(past.shape.dims) if past.shape is not None else [None] * 4
             past.shape = ir.Shape([batch_dim, dims[1], "ctx_len", dims[3]])
-            rows = new if compute_type == kv_type else b.op("Cast", new, to=kv_type)
+            # a pad (position -1) writes zeros: whatever its hidden state (NaN, Inf), the slot it
+            # lands in stays neutral for every query that may later see it
+            rows = b.op("Where", real_rows(), new, b.op("CastLike", b.const(np.array(0, np.float32)), new))
+            rows = rows if compute_type == kv_type else b.op("Cast", rows, to=kv_type)
             full = b.op("ScatterND", past, indices_for(past), rows,
                         name=f"past_{kind}.{layer}_RetainedState")
             full.dtype, full.shape = kv_type, ir.Shape(past.shape.dims)

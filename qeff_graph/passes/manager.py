@@ -11,8 +11,11 @@ Built on ``onnx_ir.passes.PassManager`` (so it is itself a pass and can be neste
 * dumps of the graph (text, without initializers) before/after named passes, and of the graph
   before a pass that failed.
 
-A failing pass raises with its name; user-facing problems (:class:`QeffGraphError`) pass
-through unchanged so the CLI can print them as one line.
+Each pass's ``requires``/``ensures`` (onnx_ir's hooks) run around it: a failed ``requires`` is
+the graph's fault and becomes a one-line :class:`QeffGraphError` naming the pass; a failed
+``ensures`` is a bug of the pass and raises ``PassError`` with a dump. A failing pass raises with
+its name; user-facing problems (:class:`QeffGraphError`) pass through unchanged so the CLI can
+print them as one line.
 """
 
 from __future__ import annotations
@@ -135,10 +138,14 @@ class PassManager(ir.passes.PassManager):
             start = time.perf_counter()
             try:
                 result = p(model)
-            except QeffGraphError:
-                raise
             except ir.passes.PreconditionError as exc:
                 raise QeffGraphError(f"pass {name!r} cannot run on this graph: {exc}") from exc
+            except QeffGraphError:
+                raise
+            except ir.passes.PostconditionError as exc:  # a pass broke its own guarantee: a bug
+                dump = self._dump(model, f"broken-{name}")
+                raise ir.passes.PassError(f"pass {name!r} did not ensure what it promises: {exc} "
+                                          f"(graph dumped to {dump})") from exc
             except Exception as exc:
                 dump = self._dump(model, f"failed-{name}")
                 raise ir.passes.PassError(

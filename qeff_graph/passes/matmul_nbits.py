@@ -2,27 +2,57 @@
 
 ``MatMul(A, W)`` with ``W`` a rank-2 float32/float16 constant ``[K, N]``, and ``MatMul(A,
 Transpose(Wt, perm=[1, 0]))`` with ``Wt`` ``[N, K]`` (a tied LM head in torch dynamo exports),
-become ``MatMulNBits(A, B, scales)`` with ``K``, ``N``, ``bits``, ``block_size`` (and
-``accuracy_level``) attributes. Quantization is weight-only, symmetric and blockwise along K:
-for output column ``n`` and block ``j`` of ``block_size`` consecutive K entries (K zero-padded
-to a multiple of ``block_size``), ``scale = max|w| / (2^(bits-1) - 1)`` (1.0 for an all-zero
-block) and ``q = clip(round(w / scale), -2^(bits-1), 2^(bits-1) - 1) + 2^(bits-1)``. No
-``zero_points`` input is emitted, so ORT's default zero point ``2^(bits-1)`` applies.
+become ``MatMulNBits(A, B, scales[, zero_points])`` with ``K``, ``N``, ``bits``, ``block_size``
+and ``accuracy_level`` attributes, computing ``A @ W`` with ``W[k, n] = (q - zero_point) * scale
+(+ min)`` per block of ``block_size`` consecutive K entries. A block minimum (GGUF ``Q4_1``'s
+``m``; the float quantizer's offset) has no MatMulNBits input: it is added as ``(A @ E) @ mins``,
+``E`` ``[K, K/block]`` summing A per block (shared by the MatMuls reading the same A). ORT's
+float zero points would express it too, but leave the fast kernels (~45x slower,
+notes/ORT_FAST_PATH.md). Where the blocks come from (:mod:`qeff_graph.passes.weight_blocks`):
+
+* a float model: ``weight_bits`` (4 or 8) blocks of ``block_size`` (32), round to nearest on each
+  block's own [min, max] with a float minimum, or a symmetric grid where that is closer.
+* ``gguf=PATH`` (``--weight-bits 4`` on an export made from a GGUF file does this): each weight
+  must be the exact dequantization of a tensor in that GGUF — rows in any order (transformers
+  permutes llama's q/k rows) or a subset of its rows; matched by row digests, then checked bit
+  for bit — else the pass refuses with one line; that tensor's own blocks are carried:
+  ``Q4_0``/``Q4_1`` as 4-bit, ``Q8_0`` as 8-bit (an 8-bit tensor stays 8-bit: SmolLM2's tied
+  embedding/LM head). The program then computes with exactly the GGUF's weights. Tensors of
+  another type (F32, F16, K-quants...) are quantized from the float weights as above and listed
+  in one progress line.
+
+A ``Gather(table, ids)`` (axis 0) whose table is a weight quantized here in the ``Wt`` layout (a
+tied embedding) or a GGUF tensor carried exactly (a GGUF export's embedding) becomes
+``GatherBlockQuantized`` on the same ``B`` bytes (+ the block minimum, + a Reshape to
+``[..., K]``); other Gathers keep their float table.
+
+``accuracy_level`` ``"auto"`` is 1: float compute, so the program computes with exactly the
+weights written. ORT's CPU kernels have no float-compute 8-bit path (a 576x1536 8-bit matmul took
+1.7-5 ms at levels 0/1, 25-70x its 4-bit time, 1 thread), so 8-bit blocks run as two 4-bit halves over
+``[A, A]``: ``(q - z)*s = (q>>4 - z>>4)*16s + (q&15 - z&15)*s``, both exact. Level 4 (int8
+compute, activations quantized per block) keeps true 8-bit blocks and is ~2x faster here, but
+moves greedy text: measured on SmolLM2-135M (ORT 1.32, 2-core AVX2, 6 chat prompts x 64 greedy
+tokens, share before the first difference from fp32; decode tok/s from one run, batch 1, the
+machine shared; fp32 29.0 tok/s)::
+
+    weights                 level   agree   tok/s
+    int4, the GGUF's blocks   1     1.00    30.0    (0: the same kernels, 1.00, 31.6)
+    int4, the GGUF's blocks   4     0.35    37.6
+    int8, quantized here      1     1.00    23.4    (two 4-bit halves)
+    int8, quantized here      4     0.56    37.1
 
 Layout (as ORT's ``MatMulNBitsQuantizer`` writes it): ``B`` is uint8 ``[N, k_blocks,
 block_size * bits / 8]`` — row-major ``Wt``, so the tied-head case needs no transpose — with
 two 4-bit values per byte, element ``2i`` in the low nibble and ``2i + 1`` in the high one;
-``scales`` has W's dtype and shape ``[N * k_blocks]`` (block index fastest).
+``scales`` has W's dtype and shape ``[N * k_blocks]`` (block index fastest); ``zero_points``
+uint8, 4-bit ones two per byte, omitted when all are ORT's default ``2^(bits-1)``.
 
 Unlike the graph-only passes, this one reads weight bytes: one matrix at a time (in row
-chunks), through ``const_value.numpy()`` (external data is memory-mapped lazily). A weight
-shared by several MatMuls is quantized once; the float weight (and a Transpose feeding only
-quantized MatMuls) is dropped once nothing else uses it, e.g. a tied embedding's Gather keeps it.
-
-On ONNX Runtime CPU, ``accuracy_level=4`` (int8 compute, activations quantized per block) is
-what makes 8-bit weights fast: measured on SmolLM2-135M decode, 8-bit with accuracy_level 4
-≈ 35 tok/s vs accuracy_level None ≈ 8 tok/s vs fp32 ≈ 27 tok/s (same run). Symmetric weights
-(no zero points) also avoid onnxruntime issue 29853 on AVX2-only CPUs.
+chunks), through ``const_value.numpy()`` (external data is memory-mapped lazily), and the
+GGUF's tensors (memory-mapped, dequantized one at a time to index their rows). A weight shared
+by several MatMuls is quantized once; the float weight (and a Transpose feeding only quantized
+MatMuls) is dropped once nothing else uses it. Whatever changes what this pass writes must bump
+``qeff_graph.program.spec.WEIGHT_SCHEME`` (cached programs are keyed by it).
 """
 
 from __future__ import annotations
@@ -32,39 +62,21 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qeff_graph import progress
 from qeff_graph.errors import QeffGraphError
-from qeff_graph.ir.build import Builder
+from qeff_graph.ir.build import QEFF_PREFIX, Builder
 from qeff_graph.ir.io import read_tensor
 from qeff_graph.passes.registry import register
+from qeff_graph.passes.weight_blocks import Blocks, GGUFWeights, quantize_float
 
-__all__ = ["MatMulNBits", "quantize_blockwise"]
+__all__ = ["MatMulNBits"]
 
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-_ROWS = 4096  # output columns quantized per chunk, to bound temporary memory
-
-
-def quantize_blockwise(wt: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize ``wt`` ``[N, K]``: (uint8 B ``[N, k_blocks, blob]``, scales ``[N * k_blocks]``)."""
-    n, k = wt.shape
-    k_blocks = -(-k // block_size)
-    qmax, zero = 2 ** (bits - 1) - 1, 2 ** (bits - 1)
-    packed = np.empty((n, k_blocks, block_size * bits // 8), dtype=np.uint8)
-    scales = np.empty((n, k_blocks), dtype=wt.dtype)
-    for r in range(0, n, _ROWS):
-        w = np.zeros((min(_ROWS, n - r), k_blocks * block_size), dtype=np.float32)
-        w[:, :k] = wt[r:r + _ROWS]
-        w = w.reshape(len(w), k_blocks, block_size)
-        absmax = np.abs(w).max(axis=-1)
-        scale = (absmax / qmax).astype(wt.dtype)
-        scale[scale == 0] = 1.0  # all-zero block (or a scale below the dtype's range)
-        scales[r:r + _ROWS] = scale
-        q = np.clip(np.rint(w / scale.astype(np.float32)[..., None]), -zero, qmax) + zero
-        q = q.astype(np.uint8)
-        packed[r:r + _ROWS] = q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
-    return packed, scales.reshape(-1)
+_OWN = f"{QEFF_PREFIX}matmul-nbits/"  # names of the nodes this pass writes
+AUTO_LEVEL = 1  # accuracy_level="auto" (measured, module docstring)
 
 
 def _const_2d(value: ir.Value | None) -> ir.TensorProtocol | None:
@@ -103,25 +115,77 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.initializers.pop(value.name)
 
 
+class _Quantized:
+    """One weight in MatMulNBits form: its initializers (and those GatherBlockQuantized needs)."""
+
+    def __init__(self, pass_: MatMulNBits, graph: ir.Graph, base: str, blocks: Blocks, dtype: np.dtype):
+        self.graph, self.base, self.pass_ = graph, base, pass_
+        self.bits, self.block_size, self.k, self.n = blocks.bits, blocks.block_size, blocks.k, blocks.n
+        self.nb, self.halves, self.origin = blocks.k_blocks, blocks.halves, blocks.origin
+        self.k_attr = 2 * self.k if self.halves else self.k  # halves: MatMulNBits reads [A, A]
+        self.b = self._init(f"_Q{self.bits}", blocks.packed())
+        self.scales = self._init("_scales", blocks.scales.astype(dtype).reshape(-1))
+        zp = blocks.packed_zero_points()
+        self.zero_points = None if zp is None else self._init("_zero_points", zp)
+        self.mins = None if blocks.mins is None else blocks.mins.astype(dtype)
+        self._zp_blocks = blocks.zero_points
+        self._mins_t = self._gbq = None
+
+    def _init(self, suffix: str, data: np.ndarray) -> ir.Value:
+        name, i = f"{self.base}{suffix}", 0
+        while name in self.graph.initializers:
+            i += 1
+            name = f"{self.base}{suffix}_{i}"
+        value = ir.Value(name=name, shape=ir.Shape(data.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(data.dtype)),
+                         const_value=ir.tensor(data, name=name))
+        self.graph.register_initializer(value)
+        self.pass_.stats["bytes_after"] += data.nbytes
+        return value
+
+    def mins_t(self) -> ir.Value:
+        """``[k_blocks, N]``: the block minima as the second operand of the correction MatMul."""
+        if self._mins_t is None:
+            self._mins_t = self._init("_mins", np.ascontiguousarray(self.mins.T))
+        return self._mins_t
+
+    def gather_inputs(self) -> tuple[ir.Value, ir.Value | None, ir.Value | None]:
+        """``(scales [N, nb, 1], zero_points [N, nb, 1] | None, mins [N, nb] | None)`` for Gathers."""
+        if self._gbq is None:
+            scales = self.scales.const_value.numpy().reshape(self.n, -1, 1)
+            zp = None if self._zp_blocks is None else \
+                self._init("_gather_zero_points", self._zp_blocks.reshape(self.n, -1, 1))
+            mins = None if self.mins is None else self._init("_gather_mins", self.mins)
+            self._gbq = (self._init("_gather_scales", scales), zp, mins)
+        return self._gbq
+
+
 @register("matmul-nbits")
 class MatMulNBits(ir.passes.InPlacePass):
-    """Quantize constant MatMul weights to 4/8-bit blocks: ORT's com.microsoft::MatMulNBits.
+    """Quantize constant MatMul weights to 4/8-bit blocks (or carry a GGUF's): com.microsoft::MatMulNBits.
 
-    ``weight_bits`` (4 or 8), ``block_size`` (power of two >= 16), ``accuracy_level`` (None
-    omits it; 4 = int8 compute on CPU), ``min_elements`` (skip weights with fewer K*N values).
+    ``weight_bits`` (4 or 8), ``block_size`` (power of two >= 16), ``accuracy_level`` ("auto":
+    1, float compute; None omits it; 4 = int8 compute on CPU, faster, changes greedy text),
+    ``min_elements`` (skip weights with fewer K*N values), ``gguf`` (path of the GGUF the float
+    weights were dequantized from: carry its blocks).
 
     Expects:
         Main-graph ``MatMul(A, W)`` / ``MatMul(A, Transpose(Wt))`` with a rank-2 float32/float16
-        constant weight and A of rank >= 2; other MatMuls (and subgraphs) are left alone.
+        constant weight and A of rank >= 2; other MatMuls (and subgraphs) are left alone. With
+        ``gguf``: float32 weights, each the exact dequantization of (rows of) a GGUF tensor.
     Guarantees:
-        Each such MatMul is a ``MatMulNBits`` writing the same output value (graph outputs keep
-        their names), computing A @ dequantized(W); each weight is quantized once; float weights
-        and Transposes nothing else uses are removed; ``com.microsoft`` v1 is imported.
-        ``stats``: ``quantized``, ``weights``, ``bytes_before``, ``bytes_after``.
+        Each such MatMul is a ``MatMulNBits`` (+ the block-minimum correction where blocks have a
+        minimum; 8-bit blocks below level 4 as two 4-bit halves over ``[A, A]``) writing the same
+        output value (graph outputs keep their names), computing A @ dequantized(W); carried
+        weights dequantize bit-equal to the float weights (checked here); each weight
+        is quantized once; a Gather over a tied or carried table is a ``GatherBlockQuantized``;
+        float weights and Transposes nothing else uses are removed; ``com.microsoft`` v1 is
+        imported. ``stats``: ``quantized``, ``weights``, ``carried``, ``requantized``,
+        ``gathers``, ``bytes_before``, ``bytes_after``.
     """
 
-    def __init__(self, weight_bits: int = 8, block_size: int = 32, accuracy_level: int | None = 4,
-                 min_elements: int = 0):
+    def __init__(self, weight_bits: int = 8, block_size: int = 32, accuracy_level: int | str | None = "auto",
+                 min_elements: int = 0, gguf: str | None = None):
         super().__init__()
         if weight_bits not in (4, 8):
             raise QeffGraphError(f"matmul-nbits: weight_bits must be 4 or 8, got {weight_bits}; "
@@ -129,12 +193,22 @@ class MatMulNBits(ir.passes.InPlacePass):
         if block_size < 16 or block_size & (block_size - 1):
             raise QeffGraphError(f"matmul-nbits: block_size must be a power of two >= 16, got "
                                  f"{block_size}; use e.g. block_size=32")
-        self.bits, self.block_size = weight_bits, block_size
+        if accuracy_level not in ("auto", None, 0, 1, 2, 3, 4):
+            raise QeffGraphError(f"matmul-nbits: accuracy_level must be 0-4, None or 'auto', got {accuracy_level!r}")
+        self.weight_bits, self.block_size = weight_bits, block_size
         self.accuracy_level, self.min_elements = accuracy_level, min_elements
+        self.gguf = None if gguf is None else str(gguf)
         self.stats: dict[str, int] = {}
+        self.requantized: list[str] = []  # GGUF-mode weights re-quantized (type not carried)
+
+    @property
+    def bits(self) -> int:
+        return self.weight_bits
 
     def _matches(self, node: ir.Node) -> tuple[ir.Value, bool] | None:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            return None
+        if (node.name or "").startswith(_OWN):  # a block-minimum correction this pass wrote
             return None
         a = node.inputs[0]
         if a is None or (a.dtype is not None and a.dtype not in _FLOATS):
@@ -146,33 +220,152 @@ class MatMulNBits(ir.passes.InPlacePass):
             return None
         return found
 
-    def _quantize(self, graph: ir.Graph, weight: ir.Value, transposed: bool):
+    def _blocks(self, weight: ir.Value, wt: np.ndarray, source: GGUFWeights | None, required: bool
+                ) -> Blocks | None:
+        """The blocks of ``wt`` ``[N, K]``: carried from the GGUF, else quantized here.
+
+        ``required``: a weight the GGUF must hold (a MatMul's); a Gather's table that is not in it
+        gives None (it stays float)."""
+        if source is None:
+            return quantize_float(wt, self.weight_bits, self.block_size)
+        name = weight.name or "weight"
+        if wt.dtype != np.float32:
+            raise QeffGraphError(f"matmul-nbits: weight {name!r} is {wt.dtype}, but GGUF blocks are carried into "
+                                 "float32 graphs only; export the GGUF in float32 or quantize without gguf")
+        found = source.find(wt)
+        if found is None:
+            if not required:
+                return None
+            raise QeffGraphError(
+                f"matmul-nbits: weight {name!r} {list(wt.shape)} is not the exact dequantization of any tensor "
+                f"in {source.path}; the graph was not exported from this GGUF: re-export it from the GGUF, "
+                "or quantize its float weights (--weight-bits 8, or this pass without gguf)")
+        tensor, kind, rows = found
+        blocks = source.carry(tensor, rows)
+        exact = (blocks.dequantize() if blocks is not None else source.dequantize(tensor, rows)).view(np.uint32)
+        if not np.array_equal(exact, wt.view(np.uint32)):  # row digests matched, the values do not
+            raise QeffGraphError(f"matmul-nbits: weight {name!r} {list(wt.shape)} is not the exact dequantization "
+                                 f"of {kind} {tensor} in {source.path}; re-export the model from this GGUF, or "
+                                 "quantize its float weights (--weight-bits 8, or this pass without gguf)")
+        if blocks is None and not required:
+            return None  # a Gather's table of a type not carried stays float
+        if blocks is None:
+            self.requantized.append(f"{name} ({kind} {tensor})")
+            return quantize_float(wt, self.weight_bits, self.block_size)
+        self.stats["carried"] += 1
+        return blocks
+
+    def _quantize(self, graph: ir.Graph, weight: ir.Value, transposed: bool, source: GGUFWeights | None,
+                  required: bool = True) -> _Quantized | None:
         tensor = _const_2d(weight)
         array = read_tensor(tensor)
-        packed, scales = quantize_blockwise(array if transposed else array.T, self.bits,
-                                            self.block_size)
-        base = weight.name or "weight"
-        out = []
-        for suffix, data in ((f"_Q{self.bits}", packed), ("_scales", scales)):
-            name, i = f"{base}{suffix}", 0
-            while name in graph.initializers:
-                i += 1
-                name = f"{base}{suffix}_{i}"
-            value = ir.Value(name=name, shape=ir.Shape(data.shape),
-                             type=ir.TensorType(ir.DataType.from_numpy(data.dtype)),
-                             const_value=ir.tensor(data, name=name))
-            graph.register_initializer(value)
-            out.append(value)
+        wt = np.ascontiguousarray(array if transposed else array.T)
+        blocks = self._blocks(weight, wt, source, required)
+        if blocks is None:
+            return None
+        if required and blocks.bits == 8 and self._level() != 4 and blocks.k == blocks.k_blocks * blocks.block_size:
+            blocks = blocks.as_halves()  # no float-compute 8-bit kernel on CPU: two 4-bit halves
         self.stats["bytes_before"] += tensor.nbytes
-        self.stats["bytes_after"] += packed.nbytes + scales.nbytes
-        n, k = array.shape if transposed else array.shape[::-1]
-        return out[0], out[1], k, n
+        self.stats["weights"] += 1
+        return _Quantized(self, graph, weight.name or "weight", blocks, array.dtype)
+
+    def _block_sums(self, b: Builder, graph: ir.Graph, a: ir.Value, q: _Quantized, cache: dict) -> ir.Value:
+        """``A @ E``: A summed over each block of K (shared by the MatMuls reading the same A)."""
+        key = (id(a), q.k, q.block_size)
+        if key not in cache:
+            ekey = ("E", q.k, q.block_size, q.mins.dtype)
+            if ekey not in cache:
+                e = np.zeros((q.k, q.nb), q.mins.dtype)
+                e[np.arange(q.k), np.arange(q.k) // q.block_size] = 1
+                name, i = f"qeff_block_sum_{q.k}_{q.block_size}_{e.dtype}", 0
+                while name in graph.initializers:
+                    i += 1
+                    name = f"qeff_block_sum_{q.k}_{q.block_size}_{e.dtype}_{i}"
+                value = ir.Value(name=name, shape=ir.Shape(e.shape), type=ir.TensorType(ir.DataType.from_numpy(e.dtype)),
+                                 const_value=ir.tensor(e, name=name))
+                graph.register_initializer(value)
+                self.stats["bytes_after"] += e.nbytes
+                cache[ekey] = value
+            cache[key] = b.op("MatMul", a, cache[ekey])
+        return cache[key]
+
+    def _level(self) -> int | None:
+        return AUTO_LEVEL if self.accuracy_level == "auto" else self.accuracy_level
+
+    def _rewrite_matmul(self, b: Builder, graph: ir.Graph, node: ir.Node, q: _Quantized, sums: dict) -> None:
+        level = self._level()
+        extra = {} if level is None else {"accuracy_level": level}
+        old = node.outputs[0]
+        a = node.inputs[0]
+        if q.halves:  # [A, A] against the high- and low-nibble blocks
+            if ("AA", id(a)) not in sums:
+                sums[("AA", id(a))] = b.op("Concat", a, a, axis=-1)
+            a = sums[("AA", id(a))]
+        inputs = [a, q.b, q.scales] + ([q.zero_points] if q.zero_points is not None else [])
+        y = b.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=q.k_attr, N=q.n, bits=q.bits,
+                 block_size=q.block_size, **extra)
+        if q.mins is not None:
+            y = b.op("Add", y, b.op("MatMul", self._block_sums(b, graph, node.inputs[0], q, sums), q.mins_t()))
+        _replace(b, graph, node, old, y, old.dtype or q.scales.dtype)  # MatMulNBits' output type is A's = W's
+
+    def _rewrite_gather(self, b: Builder, graph: ir.Graph, node: ir.Node, q: _Quantized) -> None:
+        ids = node.inputs[1]
+        scales, zp, mins = q.gather_inputs()
+        old = node.outputs[0]
+        inputs = [q.b, ids, scales] + ([zp] if zp is not None else [])
+        y = b.op("GatherBlockQuantized", *inputs, domain=MS_DOMAIN, bits=q.bits,
+                 block_size=q.block_size, gather_axis=0, quantize_axis=2)  # [*ids, nb, block]
+        rank = ids.shape.rank()
+        if q.halves:  # [*ids, 2 * nb, block]: high-nibble blocks, then low-nibble ones
+            y = b.op("Reshape", y, b.i64(*([0] * rank), 2, q.nb, q.block_size))
+            y = b.op("ReduceSum", y, b.i64(-3), keepdims=0)
+        if mins is not None:
+            y = b.op("Add", y, b.op("Unsqueeze", b.op("Gather", mins, ids, axis=0), b.i64(-1)))
+        y = b.op("Reshape", y, b.i64(*([0] * rank), q.nb * q.block_size))
+        if q.nb * q.block_size != q.k:
+            y = b.op("Slice", y, b.i64(0), b.i64(q.k), b.i64(-1))
+        _replace(b, graph, node, old, y, old.dtype)
+        self.stats["gathers"] += 1
+
+    def _gather_table(self, node: ir.Node) -> ir.Value | None:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            return None
+        if (node.name or "").startswith(_OWN):  # the block minima of a GatherBlockQuantized written here
+            return None
+        table, ids = node.inputs
+        if table is None or table.is_graph_input() or _const_2d(table) is None or ids is None:
+            return None
+        if node.attributes.get_int("axis", 0) != 0 or ids.shape is None:
+            return None
+        return table
+
+    def ensures(self, model: ir.Model) -> None:
+        """No quantizable MatMul is left; every MatMulNBits written here has B / scales / zero
+        points of the shapes its K, N, bits and block_size say (checked on shapes: no bytes read)."""
+        left = [n.name for n in model.graph if self._matches(n) is not None]
+        if left:
+            raise ir.passes.PostconditionError(f"matmul-nbits left {len(left)} MatMul(s) unquantized: {left[:3]}")
+        for node in model.graph:
+            if node.op_type != "MatMulNBits" or not (node.name or "").startswith(_OWN):
+                continue
+            a = node.attributes
+            k, n, bits, block = (a[x].value for x in ("K", "N", "bits", "block_size"))
+            nb = -(-k // block)
+            want = [(n, nb, block * bits // 8), (n * nb,)] + ([(n * -(-nb * bits // 8),)] if len(node.inputs) > 3 else [])
+            got = [tuple(v.shape.numpy()) if v is not None and v.shape is not None else None for v in node.inputs[1:]]
+            if got != want:
+                raise ir.passes.PostconditionError(f"MatMulNBits {node.name}: inputs shaped {got}, K={k} N={n} "
+                                                   f"bits={bits} block_size={block} need {want}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = {"quantized": 0, "weights": 0, "bytes_before": 0, "bytes_after": 0}
+        self.stats = {"quantized": 0, "weights": 0, "carried": 0, "requantized": 0, "gathers": 0,
+                      "bytes_before": 0, "bytes_after": 0}
+        self.requantized = []
         graph = model.graph
+        source = GGUFWeights(self.gguf) if self.gguf is not None else None
         b = Builder(graph, "matmul-nbits")
-        done: dict[tuple[int, bool], tuple] = {}
+        done: dict[tuple[int, bool], _Quantized | None] = {}
+        sums: dict = {}
         dead: list[ir.Value] = []
         for node in list(graph):
             found = self._matches(node)
@@ -180,27 +373,42 @@ class MatMulNBits(ir.passes.InPlacePass):
                 continue
             key = (id(found[0]), found[1])
             if key not in done:
-                done[key] = self._quantize(graph, *found)
-                self.stats["weights"] += 1
-            qb, scales, k, n = done[key]
-            extra = {} if self.accuracy_level is None else {"accuracy_level": self.accuracy_level}
-            old = node.outputs[0]
-            y = b.op("MatMulNBits", node.inputs[0], qb, scales, domain=MS_DOMAIN, K=k, N=n,
-                     bits=self.bits, block_size=self.block_size, **extra)
-            y.dtype = old.dtype or scales.dtype  # MatMulNBits' output type is A's = W's
-            if old.shape is not None:
-                y.shape = old.shape
-            b.commit()
-            ir.convenience.replace_all_uses_with(old, y, replace_graph_outputs=True)
+                done[key] = self._quantize(graph, *found, source)
             dead.append(node.inputs[1])
-            graph.remove(node, safe=True)
-            y.name = old.name
+            self._rewrite_matmul(b, graph, node, done[key], sums)
             self.stats["quantized"] += 1
+        for node in list(graph):
+            table = self._gather_table(node)
+            if table is None:
+                continue
+            key = (id(table), True)
+            if key not in done and source is not None:  # an untied table: carried if the GGUF has it
+                done[key] = self._quantize(graph, table, True, source, required=False)
+            if done.get(key) is None:
+                continue
+            self._rewrite_gather(b, graph, node, done[key])
+            dead.append(table)
         for value in dead:
             _drop_if_unused(graph, value)
         if done:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             graph.sort()
-        logger.info("matmul-nbits: %d MatMuls, %d weights, %d -> %d bytes", self.stats["quantized"],
-                    self.stats["weights"], self.stats["bytes_before"], self.stats["bytes_after"])
-        return ir.passes.PassResult(model, modified=self.stats["quantized"] > 0)
+        self.stats["requantized"] = len(self.requantized)
+        if self.requantized:
+            progress.say(f"matmul-nbits: {len(self.requantized)} weight(s) re-quantized to {self.weight_bits} bits "
+                         f"(their GGUF type is not carried): {', '.join(self.requantized)}")
+        logger.info("matmul-nbits: %d MatMuls, %d weights (%d carried from GGUF), %d Gathers, %d -> %d bytes",
+                    self.stats["quantized"], self.stats["weights"], self.stats["carried"], self.stats["gathers"],
+                    self.stats["bytes_before"], self.stats["bytes_after"])
+        return ir.passes.PassResult(model, modified=self.stats["quantized"] + self.stats["gathers"] > 0)
+
+
+def _replace(b: Builder, graph: ir.Graph, node: ir.Node, old: ir.Value, y: ir.Value, dtype) -> None:
+    """Commit ``b``'s nodes and put ``y`` (typed and shaped like ``old``) in place of ``node``."""
+    y.dtype = dtype
+    if old.shape is not None:
+        y.shape = old.shape
+    b.commit()
+    ir.convenience.replace_all_uses_with(old, y, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    y.name = old.name

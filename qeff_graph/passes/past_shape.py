@@ -19,7 +19,7 @@ import logging
 
 import onnx_ir as ir
 
-from qeff_graph.errors import UnsupportedGraphError
+from qeff_graph.errors import PreconditionError
 from qeff_graph.ir.analysis import find_io, find_kv_cache
 from qeff_graph.ir.build import Builder, is_qeff_node
 from qeff_graph.passes.registry import register
@@ -33,18 +33,26 @@ logger = logging.getLogger(__name__)
 class PastShape(ir.passes.InPlacePass):
     """Replace Shape(past cache) with a virtual [batch, kv_heads, ctx_len - seq_len, head_dim].
 
-    Expects: a graph with a KV cache (dynamic or retained) and an ``input_ids`` input; at run
+    Requires: a graph with a KV cache (dynamic or retained) and an ``input_ids`` input; at run
     time the cache inputs are ``ctx_len`` long (i.e. run together with ``kv-retention``).
-    Guarantees: no node outside qeff-graph's own reads the shape of a cache input directly;
+    Ensures: no node outside qeff-graph's own reads the shape of a cache input directly;
     every former read yields the virtual shape (same rank, same slice).
     """
+
+    def requires(self, model: ir.Model) -> None:
+        if find_io(model, find_kv_cache(model)).input_ids is None:
+            raise PreconditionError("graph has no input_ids input; cannot derive seq_len")
+
+    def ensures(self, model: ir.Model) -> None:
+        pasts = set(find_kv_cache(model).past_inputs)
+        left = [n.name for n in model.graph if n.op_type == "Shape" and not is_qeff_node(n) and n.inputs[0] in pasts]
+        if left:
+            raise ir.passes.PostconditionError(f"shape reads of the cache left: {left[:3]}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         kv = find_kv_cache(model)
         io = find_io(model, kv)
-        if io.input_ids is None:
-            raise UnsupportedGraphError("graph has no input_ids input; cannot derive seq_len")
         pasts = set(kv.past_inputs)
         targets = [
             n for n in graph

@@ -9,7 +9,8 @@ retained-state contract of DESIGN.md::
 
 ``encoder`` (``qeff-graph embed``, ``QEFFAutoModel``) prepares an encoder export::
 
-    [pooling when a pooling mode is set] → fp16-clamp → cleanup
+    [pooling when a pooling mode is set] → fp16-clamp
+        → [ort-fuse-encoder on the ort backend: ONNX Runtime's fused Attention] → cleanup
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ PIPELINES: dict[str, list[str]] = {
         "matmul-nbits",
         "cleanup",
     ],
-    "encoder": ["pooling", "fp16-clamp", "cleanup"],
+    "encoder": ["pooling", "fp16-clamp", "ort-fuse-encoder", "cleanup"],
 }
 
 
 def pipeline_names(name: str = "retained-kv", *, kv_dtype: str = "float32",
-                   weight_bits: int | None = None, pooling: str | None = None) -> list[str]:
+                   weight_bits: int | None = None, pooling: str | None = None,
+                   ort_lowering: bool = False) -> list[str]:
     """The passes of pipeline ``name``; the optional ones only when their option asks for them."""
     names = list(PIPELINES[name])
     if name == "encoder":
-        return names if pooling else [n for n in names if n != "pooling"]
+        return [n for n in names if (n != "pooling" or pooling) and (n != "ort-fuse-encoder" or ort_lowering)]
     if kv_dtype != "float16" and "fp16-clamp" in names:
         names.remove("fp16-clamp")
     if weight_bits is None and "matmul-nbits" in names:

@@ -2,32 +2,41 @@
 
 The exporter's causal mask assumes the queries sit at ``past_len + i`` and takes padding from
 ``attention_mask``. With a retained cache the real positions differ per row (ragged prompts,
-chunked prefill), so the mask is *replaced* where it meets the scores:
+chunked prefill), so the mask is *replaced* at every attention site that
+:func:`qeff_graph.ir.attention.find_attention_sites` finds from the key cache (a site it does
+not understand stops the pass with one line naming the node; a ``Softmax`` that is not on a
+scores path, such as a mixture-of-experts router, is never touched):
 
-* decomposed attention: walking up from each attention ``Softmax`` input through the mask
-  ``Add``/``Where``/``Cast`` nodes to the raw scores, the Softmax then reads
-  ``Where(visible, scores, -10000)``;
-* ONNX ``Attention`` ops: ``attn_mask`` becomes the boolean ``visible`` and ``is_causal=0``,
+* decomposed attention: the mask terms on the scores (``Add`` of a mask, ``Where(c, scores,
+  fill)``) are removed, additive biases (ALiBi, relative or learned) are kept with their mask
+  parts zeroed, and the ``Softmax`` reads ``Where(visible, scores, -10000)``;
+* ONNX ``Attention`` ops: ``attn_mask`` becomes the boolean ``visible`` (or ``Where(visible,
+  bias, -10000)`` when the mask carried a bias) and ``is_causal=0``,
 
 with ``visible[b, 0, i, j] = j <= position_ids[b, i]`` of shape ``[batch, 1, seq_len,
-ctx_len]`` (``ctx_len`` read off the cache input); with ``sliding_window=W`` also
-``j > position_ids[b, i] - W`` (each query sees its last W positions, as Mistral-style sliding
-attention does; the cache keeps every position, so this needs ``ctx_len`` slots, no ring). A padding token has position ``-1``: it sees
-nothing (its output is ignored), and every other consumer of ``position_ids`` (rotary tables,
-learned position embeddings) reads ``max(position_ids, 0)`` so a pad never indexes out of
-range. ``attention_mask`` is removed from the inputs; any use that survives (rare: e.g. its
-shape) reads an all-ones ``[batch, ctx_len]`` tensor.
+ctx_len]`` (``ctx_len`` read off the cache input); with a window ``W`` for the site's layer
+also ``j > position_ids[b, i] - W`` (each query sees its last W positions, as sliding attention
+does; the cache keeps every position, so this needs ``ctx_len`` slots, no ring). ``sliding_window``
+is one window for every layer or a list with one entry per layer (``None``: full attention).
+A padding token has position ``-1``: it sees nothing (its output is ignored), and every other
+consumer of ``position_ids`` (rotary tables, learned position embeddings) reads
+``max(position_ids, 0)`` so a pad never indexes out of range. ``attention_mask`` is removed from
+the inputs; a use that survives (a bias built from it, its shape) reads an all-ones ``[batch,
+ctx_len]`` tensor, i.e. key slot ``j`` is position ``j``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from qeff_graph.errors import UnsupportedGraphError
-from qeff_graph.ir.analysis import depends_on, find_io, find_kv_cache
+from qeff_graph.errors import PreconditionError, UnsupportedGraphError
+
+from qeff_graph.ir.analysis import find_io, find_kv_cache
+from qeff_graph.ir.attention import Term, find_attention_sites, is_fill
 from qeff_graph.ir.build import Builder, is_qeff_node
 from qeff_graph.passes.registry import register
 
@@ -39,100 +48,114 @@ logger = logging.getLogger(__name__)
 # row (a pad query) stays finite instead of turning into NaN.
 MASKED_SCORE = -10000.0
 
-_MASK_OPS = {"Add", "Where", "Cast", "Identity", "Sub"}
-
-
-def _scores_of(softmax_input: ir.Value, cache: set[ir.Value]) -> ir.Value:
-    """Walk up from a Softmax input past the mask-applying nodes to the raw scores."""
-    value = softmax_input
-    for _ in range(16):
-        node = value.producer()
-        if node is None or node.op_type not in _MASK_OPS or is_qeff_node(node):
-            return value
-        if node.op_type in ("Cast", "Identity"):
-            value = node.inputs[0]
-            continue
-        operands = node.inputs[1:] if node.op_type == "Where" else node.inputs
-        dependent = [v for v in operands if v is not None and depends_on(v, cache)]
-        if len(dependent) != 1 or (node.op_type == "Sub" and dependent[0] is not node.inputs[0]):
-            return value
-        value = dependent[0]
-    return value
+VISIBLE_MASK = "qeff_visible_mask"
 
 
 @register("position-mask")
 class PositionMask(ir.passes.InPlacePass):
     """Replace the exporter's causal/padding mask by `key j visible iff j <= position_ids`.
 
-    Expects: a graph with a KV cache and a ``position_ids`` input ``[batch, seq_len]``;
-    attention is either decomposed (``Softmax`` over scores computed from the key cache) or
-    ONNX ``Attention`` ops.
-    Guarantees: every attention site uses the position-derived mask (windowed when
-    ``sliding_window`` is set: every layer slides); ``attention_mask`` is no longer an input;
-    consumers other than the mask read ``max(position_ids, 0)``.
+    Requires: a graph with a KV cache and a ``position_ids`` input ``[batch, seq_len]`` whose
+    attention sites the attention analysis understands, not already rewritten by this pass.
+    Ensures: every site's Softmax (or Attention ``attn_mask``) reads the position-derived mask
+    (windowed per layer where ``sliding_window`` says so); ``attention_mask`` is no longer an
+    input; consumers other than the mask read ``max(position_ids, 0)``.
     """
 
-    def __init__(self, sliding_window: int | None = None):
+    def __init__(self, sliding_window: int | Sequence[int | None] | None = None):
         super().__init__()
-        if sliding_window is not None and sliding_window < 1:
-            raise UnsupportedGraphError(f"sliding_window must be >= 1, got {sliding_window}")
-        self.sliding_window = sliding_window
+        windows = sliding_window if isinstance(sliding_window, (list, tuple)) else [sliding_window]
+        for w in windows:
+            if w is not None and (not isinstance(w, int) or w < 1):
+                raise UnsupportedGraphError(f"sliding_window must be >= 1, got {w}")
+        self.sliding_window = list(sliding_window) if isinstance(sliding_window, (list, tuple)) \
+            else sliding_window
+
+    def window(self, layer: int, layers: int) -> int | None:
+        if not isinstance(self.sliding_window, list):
+            return self.sliding_window
+        if len(self.sliding_window) != layers:
+            raise UnsupportedGraphError(
+                f"sliding_window lists {len(self.sliding_window)} layers but the graph has {layers}")
+        return self.sliding_window[layer]
+
+    def requires(self, model: ir.Model) -> None:
+        if any(v.name == VISIBLE_MASK for n in model.graph for v in n.outputs):
+            raise PreconditionError(
+                "the position mask is already applied (this is a retained-state program or was "
+                "optimized before); pass the original export")
+        find_kv_cache(model)  # says clearly when there is none
+
+    def ensures(self, model: ir.Model) -> None:
+        if any(v.name == "attention_mask" for v in model.graph.inputs):
+            raise ir.passes.PostconditionError("attention_mask is still a graph input")
+        for site in self.sites:
+            target = site.softmax.inputs[0] if site.softmax is not None else site.scores.inputs[3]
+            producer = target.producer() if target is not None else None
+            if producer is None or not any(
+                    i is not None and (i.name or "").startswith(VISIBLE_MASK)
+                    for i in [target, *producer.inputs]):
+                raise ir.passes.PostconditionError(
+                    f"attention of layer {site.layer} ({site.scores.name!r}) does not read the position mask")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         kv = find_kv_cache(model)
         io = find_io(model, kv)
-        if io.position_ids is None:
-            raise UnsupportedGraphError(
-                "graph has no position_ids input; re-export the model with position_ids "
-                "(e.g. `qeff-graph export`), the retained cache needs them"
-            )
+        sites = find_attention_sites(model, kv)  # raises, naming the node, before any change
+        _check_no_internal_positions(graph, sites, [*kv.past_inputs, io.attention_mask])
+        windows = {site.layer: self.window(site.layer, len(kv.layers)) for site in sites}  # checked up front
+        self.sites = sites
         pos = io.position_ids
-        keys = {layer.key.past for layer in kv.layers} | {layer.key.present for layer in kv.layers}
-        # the cache itself when the present output sits behind Identity/Cast (an Attention
-        # writer's first output is the attention result, not the cache)
-        keys |= {layer.key.writer.outputs[0] for layer in kv.layers
-                 if layer.key.writer.op_type != "Attention"}
-
-        softmaxes = [
-            n for n in graph
-            if n.op_type == "Softmax" and not is_qeff_node(n) and depends_on(n.inputs[0], keys)
-        ]
-        attentions = [
-            n for n in graph
-            if n.op_type == "Attention" and n.domain in ("", "ai.onnx") and not is_qeff_node(n)
-        ]
-        if not softmaxes and not attentions:
-            raise UnsupportedGraphError(
-                "no attention found that reads the key cache (no Softmax over cache scores, no "
-                "ONNX Attention op); this graph layout is not supported yet"
-            )
-        old_pos_uses = [(u.node, u.idx) for u in pos.uses()]
+        synthesized = pos is None
+        if synthesized:  # the graph never needed positions beyond its masks: the program does
+            pos = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64),
+                           shape=ir.Shape(["batch_size", "seq_len"]))
+            graph.inputs.append(pos)
+        # the model's own reads of the positions get the clamped ones (qeff-graph's own, e.g. the
+        # cache writes of kv-retention, need the -1 of a pad)
+        old_pos_uses = [(u.node, u.idx) for u in pos.uses() if not is_qeff_node(u.node)]
 
         b = Builder(graph, "position-mask")
         ctx = b.op("Squeeze", b.op("Shape", kv.layers[0].key.past, start=2, end=3), b.i64(0))
         slots = b.op("Range", b.const(0, "int64"), ctx, b.const(1, "int64"))
         slots = b.op("Reshape", slots, b.i64(1, 1, 1, -1))
         query_pos = b.op("Unsqueeze", pos, b.i64(1, 3))
-        if self.sliding_window:
-            causal = b.op("LessOrEqual", slots, query_pos)
-            start = b.op("Sub", query_pos, b.const(np.array(self.sliding_window, dtype=np.int64)))
-            visible = b.op("And", causal, b.op("Greater", slots, start), name="qeff_visible_mask")
-        else:
-            visible = b.op("LessOrEqual", slots, query_pos, name="qeff_visible_mask")  # [B,1,S,ctx]
+        masks: dict[int | None, ir.Value] = {}
 
-        masked = None
-        for node in softmaxes:
-            scores = _scores_of(node.inputs[0], keys)
-            if masked is None:
-                masked = b.const(np.array(MASKED_SCORE, dtype=np.float32))
-            fill = b.op("CastLike", masked, scores)
-            node.replace_input_with(0, b.op("Where", visible, scores, fill))
-        for node in attentions:
-            if len(node.inputs) < 4:
-                node.resize_inputs(4)
-            node.replace_input_with(3, visible)
-            node.attributes["is_causal"] = ir.AttrInt64("is_causal", 0)
+        def visible(window: int | None) -> ir.Value:  # [B, 1, S, ctx]
+            if window not in masks:
+                causal = b.op("LessOrEqual", slots, query_pos)
+                if window is None:
+                    masks[window] = b.op("Identity", causal, name=VISIBLE_MASK)
+                else:
+                    start = b.op("Sub", query_pos, b.const(np.array(window, dtype=np.int64)))
+                    masks[window] = b.op("And", causal, b.op("Greater", slots, start),
+                                         name=f"{VISIBLE_MASK}_w{window}")
+            return masks[window]
+
+        fill = b.const(np.array(MASKED_SCORE, dtype=np.float32))
+        for site in sites:
+            vis = visible(windows[site.layer])
+            terms = [self._strip(b, t) for t in site.terms]  # bias-only term values, or None
+            if site.kind == "decomposed":
+                for where in site.mask_wheres:  # Where(c, scores, fill): the scores pass
+                    where.outputs[0].replace_all_uses_with(_unfilled(where))
+                scores = site.softmax.inputs[0]
+                site.softmax.replace_input_with(0, b.op("Where", vis, scores, b.op("CastLike", fill, scores)))
+            else:
+                node = site.scores
+                bias = next((t for t in terms if t is not None), None)
+                if bias is None:
+                    mask = vis
+                else:
+                    query = node.inputs[0]
+                    mask = b.op("Where", vis, b.op("CastLike", bias, query), b.op("CastLike", fill, query),
+                                name=f"{VISIBLE_MASK}_biased_{site.layer}")
+                if len(node.inputs) < 4:
+                    node.resize_inputs(4)
+                node.replace_input_with(3, mask)
+                node.attributes["is_causal"] = ir.AttrInt64("is_causal", 0)
 
         clamped = b.op("Max", pos, b.const(np.array(0, dtype=np.int64)), name="qeff_position_ids_clamped")
         for user, index in old_pos_uses:
@@ -156,10 +179,105 @@ class PositionMask(ir.passes.InPlacePass):
             removed_mask = True
         graph.sort()
         self.stats = {
-            "softmax_masks": len(softmaxes),
-            "attention_masks": len(attentions),
+            "sites": len(sites),
+            "decomposed": sum(s.kind == "decomposed" for s in sites),
+            "attention_ops": sum(s.kind == "attention-op" for s in sites),
+            "biases_kept": sum(len(t.biases) for s in sites for t in s.terms),
             "attention_mask_removed": int(removed_mask),
+            "position_ids_added": int(synthesized),
         }
-        if self.sliding_window:
-            self.stats["sliding_window"] = self.sliding_window
+        if any(w is not None for w in windows.values()):
+            self.stats["windows"] = ",".join(str(windows[k]) for k in sorted(windows))
         return ir.passes.PassResult(model, modified=True)
+
+    @staticmethod
+    def _strip(b: Builder, term: Term) -> ir.Value | None:
+        """Remove the mask parts of an additive term; return the bias that is left (None if none).
+
+        A mask-only term on the scores is bypassed (the ``Add`` passes the scores through); in a
+        mixed term each mask leaf is replaced by zeros of its shape and each ``Where(c, x, fill)``
+        by ``x``, so the bias keeps its broadcast shape.
+        """
+        node, index = term.node, term.index
+        if term.mask_only:
+            if node.op_type == "Add":
+                node.outputs[0].replace_all_uses_with(node.inputs[1 - index])
+            return None
+        for where, (user, idx) in term.masked:
+            user.replace_input_with(idx, _unfilled(where))
+        for leaf in term.leaves:
+            if leaf.role != "mask":
+                continue
+            if leaf.value.dtype == ir.DataType.BOOL:
+                raise UnsupportedGraphError(
+                    f"boolean mask {leaf.value.name!r} is added into a float bias term; not understood")
+            user, idx = leaf.use
+            zeros = b.op("ConstantOfShape", b.op("Shape", leaf.value), value=ir.tensor(np.zeros(1, np.float32)))
+            user.replace_input_with(idx, b.op("CastLike", zeros, leaf.value))
+        return node.inputs[index] if node.op_type != "Add" else None
+
+
+def _unfilled(where: ir.Node) -> ir.Value:
+    """The input of a masking ``Where(c, x, fill)`` (or ``Where(c, fill, x)``) that is not the fill."""
+    return where.inputs[2] if is_fill(where.inputs[1]) else where.inputs[1]
+
+
+def _check_no_internal_positions(graph: ir.Graph, sites, sources: list[ir.Value | None]) -> None:
+    """Refuse a graph that computes token positions itself from the past length or the mask.
+
+    Such positions (``Range(past_len, past_len + seq)``, ``CumSum(attention_mask) - 1``) assume
+    queries sit right after the cache; with a retained cache they would be silently wrong. Nodes
+    that only build the masks being replaced are not counted (they die with the rewrite), nor
+    those that build a bias on the scores (shift-invariant in the key position, e.g. ALiBi).
+    """
+    sources = {v for v in sources if v is not None}
+    skipped: set[tuple[int, int]] = set()  # (node id, input index) edges the rewrite removes
+    exempt: set[int] = set()
+    for site in sites:
+        for term in site.terms:
+            if term.mask_only:
+                skipped.add((id(term.node), term.index))
+            for where, _ in term.masked:
+                skipped.update({(id(where), 0), (id(where), 1 if is_fill(where.inputs[1]) else 2)})
+            for leaf in term.leaves:
+                exempt |= _cone(leaf.value)
+        for where in site.mask_wheres:
+            skipped.update({(id(where), 0), (id(where), 1 if is_fill(where.inputs[1]) else 2)})
+    live: set[int] = set()
+    stack = [o.producer() for o in graph.outputs if o.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in live:
+            continue
+        live.add(id(node))
+        for i, value in enumerate(node.inputs):
+            if value is not None and (id(node), i) not in skipped and value.producer() is not None:
+                stack.append(value.producer())
+    for node in graph:
+        if (node.op_type in ("Range", "CumSum") and id(node) in live and id(node) not in exempt
+                and not is_qeff_node(node) and _cone(node.outputs[0], stop=sources) & {-1}):
+            raise UnsupportedGraphError(
+                f"node {node.name!r} ({node.op_type}) computes token positions from the past length or "
+                "attention_mask, which a retained cache makes wrong; export the model with a position_ids "
+                "input that the model uses")
+
+
+def _cone(value: ir.Value, stop: set | None = None, limit: int = 5000) -> set[int]:
+    """ids of the nodes ``value`` is computed from (shape reads included); ``-1`` is in the set
+    when one of ``stop`` is reached."""
+    out: set[int] = set()
+    stack = [value]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if stop is not None and v in stop:
+            out.add(-1)
+            continue
+        node = v.producer()
+        if node is not None and id(node) not in out:
+            out.add(id(node))
+            stack.extend(node.inputs)
+    return out

@@ -139,26 +139,30 @@ def check_output_dir(out: str | os.PathLike, source: Source | None = None) -> Pa
     return out
 
 
-def config_sliding_window(directory: str | os.PathLike, ctx_len: int) -> int | None:
-    """The sliding window of the HF ``config.json`` in ``directory`` if it is shorter than
-    ``ctx_len`` (a longer one never masks anything), else None.
-
-    Raises when only some layers slide (``layer_types``): one window for all layers would be wrong.
-    """
+def config_sliding_window(directory: str | os.PathLike, ctx_len: int) -> int | tuple[int | None, ...] | None:
+    """The attention windows of the HF ``config.json`` in ``directory`` (whatever the key:
+    :func:`~qeff_graph.export.loader.attention_windows`) that are shorter than ``ctx_len`` (a
+    longer one never masks anything): one int when every layer slides alike, a tuple with one
+    entry per layer (None: full attention) when they differ, None when no layer slides."""
     path = Path(directory) / "config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    window = config.get("sliding_window") if isinstance(config, dict) else None
-    if not isinstance(window, int) or window >= ctx_len or config.get("use_sliding_window") is False:
+    if not isinstance(config, dict):
         return None
-    kinds = set(config.get("layer_types") or ["sliding_attention"])
-    if kinds != {"sliding_attention"}:
-        raise QeffGraphError(f"{path}: only some layers use a sliding window ({window}) and it is "
-                             f"shorter than ctx_len {ctx_len}; mixed sliding/full attention is not "
-                             f"supported yet: use --ctx-len <= {window}")
-    return window
+    from qeff_graph.export.loader import attention_windows
+
+    try:
+        windows = attention_windows(config)
+    except QeffGraphError as exc:
+        raise QeffGraphError(f"{path}: {exc}") from None
+    windows = [w if w is not None and w < ctx_len else None for w in windows]
+    if all(w is None for w in windows):
+        return None
+    if len(set(windows)) == 1:
+        return windows[0]
+    return tuple(windows)
 
 
 def custom_io(model_io: dict, precision: str) -> list[dict]:
@@ -220,6 +224,30 @@ def _check_encoder_graph(graph: ir.Model, path: Path) -> None:
                              "`qeff-graph embed` / QEFFAutoModel")
 
 
+def export_gguf(directory: Path) -> Path | None:
+    """The GGUF file an export in ``directory`` was made from (``export.json``: ``source``,
+    ``gguf_file``), or None when it was not made from one. One-line error when it is gone."""
+    try:
+        info = read_json(directory / "export.json", "export manifest")
+    except QeffGraphError:
+        return None  # an ONNX file from elsewhere: a float model
+    name, source = info.get("gguf_file"), str(info.get("source") or "")
+    if not isinstance(name, str) or not name:
+        return None
+    base = source.split("::")[0] if "::" in source else source
+    path = Path(base) if base.lower().endswith(".gguf") else Path(base) / name
+    if not path.is_file() and "::" in source and not Path(base).exists():  # a hub id: the hub's file cache
+        with contextlib.suppress(Exception):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base, name)
+            path = Path(cached) if isinstance(cached, str) else path
+    if not path.is_file():
+        raise QeffGraphError(f"{directory} was exported from the GGUF {name}, whose blocks --weight-bits 4 carries, "
+                             f"but {path} is gone; put it back there or re-export the model")
+    return path.resolve()
+
+
 def _dump_names(names: list[str], dump_before: Sequence[str], dump_after: Sequence[str]) -> None:
     unknown = [n for n in (*dump_before, *dump_after) if n not in names]
     if unknown:
@@ -275,7 +303,19 @@ def _from_onnx(src: Source, spec: ProgramSpec, out: Path, *, model_name, hardlin
     from qeff_graph.passes import PassManager, build_pipeline
 
     # unknown passes and bad pass options fail here, before the model is read
-    manager = PassManager(build_pipeline(names, **spec.pass_options(window)), verify=verify,
+    options = spec.pass_options(window)
+    gguf = export_gguf(src.onnx.parent) if spec.weight_bits == 4 and "matmul-nbits" in names else None
+    if gguf is not None:  # --weight-bits 4 on a GGUF export: matmul-nbits carries the GGUF's own blocks
+        options["gguf"] = str(gguf)
+    numeric = verify == "numeric"  # checker between passes, then the program against its source
+    if numeric and spec.kind != "causal-lm":
+        raise QeffGraphError("--verify numeric compares causal-LM programs with their source; use "
+                             "--verify checker or ort for encoders")
+    if numeric and (spec.weight_bits or spec.kv_dtype != "float32"):
+        raise QeffGraphError("--verify numeric asks for exact tokens and logits within 1e-4, which a quantized "
+                             "weight or float16 cache program does not give; build it, then measure it with "
+                             "`qeff-graph verify SOURCE PROGRAM --tolerance T`")
+    manager = PassManager(build_pipeline(names, **options), verify="checker" if numeric else verify,
                           dump_dir=dump_dir or f"{os.path.abspath(out)}.dumps",
                           dump_before=dump_before, dump_after=dump_after, progress=True)
     progress.checkpoint("program:load")
@@ -296,7 +336,7 @@ def _from_onnx(src: Source, spec: ProgramSpec, out: Path, *, model_name, hardlin
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_name": model_name,
         "source": {"path": str(src.onnx.resolve()), "sha256": file_sha256(src.onnx),
-                   "kv_form": "dynamic"},
+                   "kv_form": "dynamic", **({"gguf": str(gguf)} if gguf is not None else {})},
         "options": spec.to_dict(),
         "kv_cache": qir.find_kv_cache(graph).summary() if spec.kind == "causal-lm" else None,
         "io": io,
@@ -315,8 +355,18 @@ def _from_onnx(src: Source, spec: ProgramSpec, out: Path, *, model_name, hardlin
                  for dst, (s, _) in placed.items()}
         return hints, {dst for dst, (_, how) in placed.items() if how == "hardlink"}
 
+    def check(tmp: Path) -> None:  # the program is whole in tmp: verify it before it appears
+        from qeff_graph.program.verify import verify_program
+
+        report = verify_program(src.onnx, tmp)
+        manifest["verify"] = report.to_dict()
+        if not report.passed:
+            raise QeffGraphError(f"--verify numeric: the program differs from {src.onnx}: {report.summary()}; "
+                                 "nothing was written (`qeff-graph verify --bisect` names the pass)")
+
     return _write_program(out, spec, manifest, write_graph, side_dir=src.side_dir, mode_cap=_mode_cap(src.onnx),
-                          started=started, action="optimized", hardlink=hardlink_data)
+                          started=started, action="optimized", hardlink=hardlink_data,
+                          check=check if numeric else None)
 
 
 def _from_program(src: Source, spec: ProgramSpec, out: Path, **build) -> Program:
@@ -368,9 +418,10 @@ def _from_program(src: Source, spec: ProgramSpec, out: Path, **build) -> Program
 
 
 def _write_program(out: Path, spec: ProgramSpec, manifest: dict, write_graph, *, side_dir: Path,
-                   mode_cap: int, started: float, action: str, hardlink: bool) -> Program:
+                   mode_cap: int, started: float, action: str, hardlink: bool, check=None) -> Program:
     """The one atomic write of a whole program folder. ``hardlink``: weight and side files are
-    hard-linked from the source where possible (cache entries), else cloned."""
+    hard-linked from the source where possible (cache entries), else cloned. ``check(tmp)`` runs
+    on the complete temporary folder before it replaces ``out`` (raising leaves nothing)."""
     dir_mode = None if mode_cap & 0o044 else 0o700
     with progress.task(f"writing {out}"), AtomicDir(out, mode=dir_mode, label="program") as tmp:
         progress.checkpoint("program:write")
@@ -387,6 +438,9 @@ def _write_program(out: Path, spec: ProgramSpec, manifest: dict, write_graph, *,
         manifest["files"] = file_table(tmp, exclude=(MANIFEST,), known=hints)
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if check is not None:
+            check(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _narrow_modes(tmp, mode_cap, linked)
     return Program(out, manifest, action)
 

@@ -16,16 +16,26 @@ __all__ = ["inspect_model"]
 
 
 def inspect_model(model: str | os.PathLike) -> dict:
-    """IO, op histogram, KV layout and weight bytes of an ONNX model (weights are not read)."""
+    """IO, op histogram, KV layout, attention sites and weight bytes of an ONNX model (weights are
+    not read)."""
     graph = qir.load(model)
     ops = collections.Counter(
         f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
         for n in ir.traversal.RecursiveGraphIterator(graph.graph)
     )
     try:
-        kv = qir.find_kv_cache(graph).summary()
+        found = qir.find_kv_cache(graph)
+        kv = found.summary()
     except QeffGraphError as exc:
-        kv = {"error": str(exc)}
+        found, kv = None, {"error": str(exc)}
+    attention: list[dict] | dict = []
+    if found is not None:
+        from qeff_graph.ir.attention import find_attention_sites
+
+        try:  # what position-mask would rewrite, or why it would refuse
+            attention = [site.describe() for site in find_attention_sites(graph, found)]
+        except QeffGraphError as exc:
+            attention = {"error": str(exc)}
     external = qir.external_files(graph)
     base = Path(model).parent if Path(model).is_file() else Path(model)
     return {
@@ -36,6 +46,7 @@ def inspect_model(model: str | os.PathLike) -> dict:
         "nodes": sum(ops.values()),
         "ops": dict(ops.most_common()),
         "kv_cache": kv,
+        "attention": attention,
         "weight_bytes": qir.weight_bytes(graph),
         "initializers": len(graph.graph.initializers),
         "external_data_files": [os.path.relpath(f, base) for f in external],

@@ -14,6 +14,12 @@ option                 ``qaic``                                       ``ort``
 ``device_group``       several devices → ``mdp.json``                 one device only
 ``mos``, depth-first   ``-mos``, ``-aic-enable-depth-first``          an error
 =====================  =============================================  ================================
+
+``num_speculative_tokens=K`` (speculative decoding, both backends) adds a *verify*
+specialization of seq_len ``K+1`` after prefill and decode; the ``last-token-logits`` pass then
+returns every position's logits for a step of at most ``K+1`` tokens (``[batch, K+1, vocab]``
+for the verify step) and only the last valid one for longer (prefill) steps. ``K+1`` must fit in
+a prefill chunk (``K+1 <= prompt_len``), as QEfficient requires.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 from qeff_graph.errors import QeffGraphError
 
 __all__ = ["ProgramSpec", "DEFAULTS", "BACKENDS", "KINDS", "KV_DTYPES", "GRAPH_FIELDS", "QAIC_FIELDS",
-           "ENCODER_SEQ_LEN"]
+           "ENCODER_SEQ_LEN", "ORT_LOWERING"]
 
 BACKENDS = ("ort", "qaic")
 KINDS = ("causal-lm", "encoder")
@@ -36,9 +42,17 @@ QAIC_DEFAULT_CORES = 16
 ENCODER_SEQ_LEN = 128  # the encoder's seq_len specialization when none is given
 # fields that change model.onnx (the rest only change specializations, IO precisions, backend files)
 GRAPH_FIELDS = ("kind", "kv_dtype", "weight_bits", "passes", "sliding_window", "full_batch_size", "pooling",
-                "normalize")
+                "normalize", "num_speculative_tokens", "weight_scheme", "ort_lowering")
+# how weight_bits quantizes (matmul-nbits): 3 = blocks with a float minimum, a GGUF export's own blocks
+# carried, float compute (issue 11); 1 = symmetric re-quantization, int8 compute (programs built before:
+# their manifests lack the field); 2 = development builds of issue 11 (never reused)
+WEIGHT_SCHEME = 3
+# encoder programs on ort are lowered to ONNX Runtime's fused ops (the ort-fuse-encoder pass); this
+# version is part of their cache key. 0: built before the lowering (manifests without the field)
+ORT_LOWERING = 1
 # causal-LM options an encoder program must leave at their defaults
-_CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "weight_bits", "mxint8")
+_CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "weight_bits", "mxint8",
+                "num_speculative_tokens")
 QAIC_FIELDS = ("num_cores", "mos", "aic_enable_depth_first", "device_group", "aic_hw_version")
 
 
@@ -53,7 +67,9 @@ class ProgramSpec:
     ``kind="encoder"`` (embedding models): ``seq_lens`` are the sequence-length
     specializations (default 128; the runtime pads a batch to the smallest that fits),
     ``pooling`` (mean | cls | max) and ``normalize`` append sentence-embedding pooling; the
-    causal-LM options (ctx_len, prompt_len, KV cache, full batch, weight bits) do not apply.
+    causal-LM options (ctx_len, prompt_len, KV cache, full batch, weight bits) do not apply. On
+    ort an encoder is lowered to ONNX Runtime's fused Attention (``ort_lowering``: the
+    ``ort-fuse-encoder`` pass; 0 keeps the portable graph, as qaic always does).
     """
 
     ctx_len: int = 128
@@ -63,7 +79,8 @@ class ProgramSpec:
     kv_dtype: str = "float32"
     weight_bits: int | None = None
     passes: tuple[str, ...] | None = None  # None: the default retained-kv pipeline
-    sliding_window: int | str | None = "auto"  # "auto": config.json beside the model, if < ctx_len
+    # "auto": config.json beside the model (per layer, whatever the key); windows >= ctx_len mask nothing
+    sliding_window: int | tuple[int | None, ...] | str | None = "auto"
     backend: str = "ort"
     num_cores: int | None = None
     mxfp6: bool = False
@@ -76,6 +93,9 @@ class ProgramSpec:
     seq_lens: tuple[int, ...] | None = None
     pooling: str | None = None
     normalize: bool = False
+    num_speculative_tokens: int | None = None  # K: a verify step of K+1 tokens (speculative decoding)
+    weight_scheme: int | None = None  # set from weight_bits: WEIGHT_SCHEME (older manifests: 1)
+    ort_lowering: int | None = None  # encoder on ort: ORT_LOWERING (older manifests: 0); else None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__.__get__(self)  # frozen: normalize in place, once
@@ -90,13 +110,25 @@ class ProgramSpec:
         if self.ctx_len < self.prompt_len:
             raise QeffGraphError(f"--ctx-len ({self.ctx_len}) is smaller than --prompt-len ({self.prompt_len}); "
                                  "the prefill chunk must fit in the cache: raise --ctx-len or lower --prompt-len")
+        if self.num_speculative_tokens is not None:
+            _positive("num_speculative_tokens", self.num_speculative_tokens)
+            k = self.num_speculative_tokens
+            if k + 1 > self.prompt_len:
+                raise QeffGraphError(f"--num-speculative-tokens {k} needs a verify step of {k + 1} tokens, longer "
+                                     f"than --prompt-len {self.prompt_len}; use K <= {self.prompt_len - 1} or "
+                                     f"--prompt-len >= {k + 1}")
         if self.kv_dtype not in KV_DTYPES:
             raise QeffGraphError(f"--kv-dtype {self.kv_dtype!r} is not supported; use float32 or float16")
         if self.weight_bits not in (None, 4, 8):
             raise QeffGraphError(f"--weight-bits must be 4 or 8, got {self.weight_bits!r}")
         if self.backend not in BACKENDS:
             raise QeffGraphError(f"unknown backend {self.backend!r}; use ort or qaic")
-        if self.sliding_window not in ("auto", None):
+        if isinstance(self.sliding_window, (list, tuple)):  # one window per layer (None: full)
+            for w in self.sliding_window:
+                if w is not None:
+                    _positive("sliding_window", w)
+            set_("sliding_window", tuple(self.sliding_window))
+        elif self.sliding_window not in ("auto", None):
             _positive("sliding_window", self.sliding_window)
         if self.passes is not None:
             set_("passes", _pass_names(self.passes))
@@ -121,6 +153,14 @@ class ProgramSpec:
                 set_("weight_bits", 8)
         elif self.weight_bits is not None:
             raise QeffGraphError("--weight-bits applies to --backend ort; qaic compresses weights with --mxfp6")
+        if self.weight_bits is None or self.weight_scheme is None:
+            set_("weight_scheme", None if self.weight_bits is None else WEIGHT_SCHEME)
+        if self.kind != "encoder" or self.backend != "ort":
+            set_("ort_lowering", None)  # qaic keeps the portable graph
+        elif self.ort_lowering is None:
+            set_("ort_lowering", ORT_LOWERING)
+        elif self.ort_lowering not in (0, ORT_LOWERING):
+            raise QeffGraphError(f"ort_lowering must be 0 (portable graph) or {ORT_LOWERING}, got {self.ort_lowering!r}")
 
     def _check_kind(self, set_) -> None:
         from qeff_graph.passes.pooling import POOLING_MODES
@@ -167,7 +207,7 @@ class ProgramSpec:
         if self.passes is not None:
             return list(self.passes)
         if self.kind == "encoder":
-            return pipeline_names("encoder", pooling=self.pooling)
+            return pipeline_names("encoder", pooling=self.pooling, ort_lowering=bool(self.ort_lowering))
         return pipeline_names(kv_dtype=self.kv_dtype, weight_bits=self.weight_bits)
 
     def pass_options(self, sliding_window: int | None) -> dict:
@@ -178,6 +218,8 @@ class ProgramSpec:
                        sliding_window=sliding_window)
         if self.weight_bits is not None:
             options["weight_bits"] = self.weight_bits
+        if self.num_speculative_tokens is not None:
+            options["num_speculative_tokens"] = self.num_speculative_tokens
         return options
 
     def threads(self) -> int | None:
@@ -211,8 +253,9 @@ class ProgramSpec:
         return {"float32": "float", "float16": "float16"}[self.kv_dtype]
 
     def specializations(self) -> dict:
-        """QEfficient's specializations: prefill (seq_len=prompt_len) first, decode second; an
-        encoder has one per seq_len."""
+        """QEfficient's specializations: prefill (seq_len=prompt_len) first, decode second, then
+        with ``num_speculative_tokens=K`` the verify step (seq_len K+1, decode's batch; left out
+        when it equals prefill's shape); an encoder has one per seq_len."""
         if self.kind == "encoder":
             return {"specializations": [{"batch_size": str(self.batch_size), "seq_len": str(n)}
                                         for n in self.seq_lens]}
@@ -224,13 +267,18 @@ class ProgramSpec:
         else:
             prefill = {"batch_size": str(self.batch_size), "seq_len": str(self.prompt_len), **s}
             decode = {"batch_size": str(self.batch_size), "seq_len": "1", **s}
-        return {"specializations": [prefill, decode]}
+        shapes = [prefill, decode]
+        if self.num_speculative_tokens is not None:
+            verify = {**decode, "seq_len": str(self.num_speculative_tokens + 1)}
+            if verify != prefill:
+                shapes.append(verify)
+        return {"specializations": shapes}
 
     # ---- identity ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for name in ("passes", "device_group", "seq_lens"):
-            if d[name] is not None:
+        for name in ("passes", "device_group", "seq_lens", "sliding_window"):
+            if isinstance(d[name], (list, tuple)):
                 d[name] = list(d[name])
         return d
 
@@ -240,6 +288,10 @@ class ProgramSpec:
         if not isinstance(data, dict):
             raise QeffGraphError(f"program options must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
+        if data.get("weight_bits") is not None and "weight_scheme" not in data:
+            data = {**data, "weight_scheme": 1}  # built before the scheme was recorded
+        if data.get("kind") == "encoder" and data.get("backend", "ort") == "ort" and "ort_lowering" not in data:
+            data = {**data, "ort_lowering": 0}  # built before the ORT lowering
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def artifact_options(self) -> dict:
@@ -252,6 +304,12 @@ class ProgramSpec:
         if self.backend == "ort":
             for name in ("mxfp6", "mxint8", *QAIC_FIELDS):
                 d.pop(name)
+        if d["num_speculative_tokens"] is None:  # keys of programs cached before the option existed hold
+            d.pop("num_speculative_tokens")
+        if d["weight_scheme"] is None:  # likewise for unquantized programs
+            d.pop("weight_scheme")
+        if d["ort_lowering"] is None:  # and for everything but encoders on ort
+            d.pop("ort_lowering")
         return d
 
     def graph_options(self) -> dict:

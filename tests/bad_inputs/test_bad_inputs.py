@@ -267,6 +267,19 @@ def opt_retained_graph_copy(w, fx):
     return ["optimize", str(folder / "model.onnx"), "-o", str(w / "again")]
 
 
+def verify_args(kind):
+    def setup(w, fx):
+        prog = program_copy(w, fx)
+        source = str(export_copy(w))
+        return {"missing-source": ["verify", str(w / "nope.onnx"), str(prog)],
+                "program-as-source": ["verify", str(prog / "model.onnx"), str(prog)],
+                "not-a-program": ["verify", source, str(w)],
+                "too-many-tokens": ["verify", source, str(prog), "--new-tokens", "40"],
+                "numeric-fp16": ["optimize", source, "-o", str(w / "out"), "--verify", "numeric",
+                                 "--kv-dtype", "float16"]}[kind]
+    return setup
+
+
 def opt_passes(value):
     def setup(w, fx):
         return ["optimize", str(export_copy(w)), "-o", str(w / "out"), "--passes", value]
@@ -507,6 +520,27 @@ def exe_empty_prompt(w, fx):
     return ["execute", "--qpc-path", str(prog), "--prompt", "hello|  "]
 
 
+def speculative_program(w: Path, name: str, words: str, *flags: str) -> Path:
+    """The tiny llama with a word-level tokenizer over ``words``, optimized with ``flags``."""
+    from tests.helpers import save_tiny_tokenizer
+
+    src = export_copy(w, f"{name}-export")
+    save_tiny_tokenizer(src.parent, [words])
+    quiet_main(["optimize", str(src), "-o", str(w / name), "--ctx-len", "32", "--prompt-len", "8", "-q", *flags])
+    return w / name
+
+
+def exe_draft_other_tokenizer(w, fx):
+    target = speculative_program(w, "target", "the cat sat on the mat", "--num-speculative-tokens", "3")
+    draft = speculative_program(w, "draft", "a completely different list of words")
+    return ["execute", "--qpc-path", str(target), "--prompt", "the cat", "--draft", str(draft)]
+
+
+def exe_draft_self_int4(w, fx):
+    target = speculative_program(w, "target", "the cat sat on the mat", "--num-speculative-tokens", "3")
+    return ["execute", "--qpc-path", str(target), "--prompt", "the cat", "--draft", "self-int4"]
+
+
 # export
 def exp_out_foreign(w, fx):
     model = hf_copy(w, fx)
@@ -613,6 +647,11 @@ CASES = [
     Case("optimize-input-program-onnx", opt_program_onnx, "already a qeff-graph program"),
     Case("optimize-input-program-dir", opt_program_dir, "already a qeff-graph program"),
     Case("optimize-input-retained-graph", opt_retained_graph_copy, "is already a retained-state program"),
+    Case("verify-missing-source", verify_args("missing-source"), "does not exist"),
+    Case("verify-program-as-source", verify_args("program-as-source"), "is a retained-state program"),
+    Case("verify-not-a-program", verify_args("not-a-program"), "qeff_graph.json"),
+    Case("verify-too-many-tokens", verify_args("too-many-tokens"), "leaves no room for a prompt"),
+    Case("optimize-verify-numeric-fp16", verify_args("numeric-fp16"), "--verify numeric asks for exact tokens"),
     Case("optimize-passes-empty", opt_passes(""), "--passes is empty or has an empty name"),
     Case("optimize-passes-empty-name", opt_passes("past-shape,,kv-retention"), "--passes is empty or has an empty name"),
     Case("optimize-passes-unknown", opt_passes("past-shape,no-such-pass"), "unknown pass 'no-such-pass'"),
@@ -632,6 +671,9 @@ CASES = [
     Case("optimize-ctx-smaller-than-prompt", opt_flags("--ctx-len", "16", "--prompt-len", "32"),
          "--ctx-len (16) is smaller than --prompt-len (32)"),
     Case("optimize-batch-size-0", opt_flags("--batch-size", "0"), "must be >= 1, got 0"),
+    Case("optimize-num-speculative-tokens-0", opt_flags("--num-speculative-tokens", "0"), "must be >= 1, got 0"),
+    Case("optimize-speculative-longer-than-prompt-len", opt_flags("--prompt-len", "4", "--num-speculative-tokens", "4"),
+         "needs a verify step of 5 tokens, longer than --prompt-len 4"),
     Case("optimize-kv-dtype-bad", opt_flags("--kv-dtype", "int8"), "invalid choice: 'int8'"),
     Case("optimize-missing-output-flag", lambda w, fx: ["optimize", str(export_copy(w))],
          "the following arguments are required: -o/--output-dir"),
@@ -650,6 +692,8 @@ CASES = [
     Case("compile-program-source-gone", comp_source_gone, "is gone; compile from the .onnx export instead"),
     Case("compile-program-source-changed", comp_source_changed, "changed since it was built"),
     Case("compile-program-truncated-data", comp_truncated_program, "model.onnx.data has"),
+    Case("compile-speculative-longer-than-program-prompt-len",
+         comp_flags("--num-speculative-tokens", "8", source="program"), "longer than --prompt-len 8"),
     # infer
     Case("infer-prompt-empty", infer("--prompt", ""), "empty prompt"),
     Case("infer-prompt-empty-part", infer("--prompt", "a||b"), "empty prompt"),
@@ -670,6 +714,11 @@ CASES = [
          "not allowed with argument"),
     Case("infer-cache-dir-under-file", infer_cache_dir_is_file, "is a file, not a folder"),
     Case("infer-gguf-file-missing", infer_gguf_missing, "no GGUF file 'model.gguf'"),
+    Case("infer-draft-without-verify-step", infer("--draft", "self-int4"),
+         "--draft needs a program compiled with --num-speculative-tokens K"),
+    Case("infer-lookup-ngram-with-model-draft", infer("--prompt-len", "8", "--num-speculative-tokens", "2",
+                                                      "--draft", "self-int4", "--lookup-ngram", "2"),
+         "--lookup-ngram applies to --draft prompt-lookup"),
     Case("infer-remote-code-refused", infer_remote_code, "--trust-remote-code",
          check=lambda w: not (w / "REMOTE_CODE_RAN").exists() or pytest.fail("the model's Python code ran")),
     # execute
@@ -684,6 +733,11 @@ CASES = [
     Case("execute-wrong-model-name", exe_wrong_model, "was compiled from org/llama-a, not org/mistral-b"),
     Case("execute-write-io-dir-is-file", exe_io_dir_is_file, "exists and is not a folder"),
     Case("execute-prompt-empty-part", exe_empty_prompt, "empty prompt"),
+    Case("execute-draft-other-tokenizer", exe_draft_other_tokenizer, "has another tokenizer than the target"),
+    Case("execute-draft-without-verify-step", lambda w, fx: ["execute", "--qpc-path", str(program_copy(w, fx)),
+                                                             "--draft", "prompt-lookup"],
+         "--draft needs a program compiled with --num-speculative-tokens K"),
+    Case("execute-draft-self-int4", exe_draft_self_int4, "--draft self-int4 needs the model the program was built from"),
     Case("execute-qpc-path-missing", lambda w, fx: ["execute", "--qpc-path", str(w / "gone")], "is not a directory"),
     # export
     Case("export-out-foreign-nonempty", exp_out_foreign, "is not empty and is not a qeff-graph export"),

@@ -175,7 +175,9 @@ def test_compile_ort_mxfp6_quantizes_matmul_weights(ort_program, tiny_export, tm
         graph = onnx.load(str(path / "model.onnx"))  # loads: data files are not hard links
         ops = [n.op_type for n in graph.graph.node]
         # 2 layers x 7 projections + the LM head; only the attention's Q·K and P·V stay MatMul
-        assert ops.count("MatMulNBits") == 15 and ops.count("MatMul") == 4, ops.count("MatMul")
+        # (besides matmul-nbits' own block-minimum corrections)
+        plain = [n for n in graph.graph.node if n.op_type == "MatMul" and not n.name.startswith("qeff/matmul-nbits/")]
+        assert ops.count("MatMulNBits") == 15 and len(plain) == 4, len(plain)
         assert {n.attribute[0].name for n in graph.graph.node if n.op_type == "MatMulNBits"}
     ids = [5, 17, 42, 99, 7, 3]
     tokens, ref = _first_logits(prog, ids)
@@ -184,7 +186,7 @@ def test_compile_ort_mxfp6_quantizes_matmul_weights(ort_program, tiny_export, tm
         got = _first_logits(path, ids)[1]
         errors[path.name] = float(np.abs(got[0] - ref[0]).max()) / float(np.abs(ref[0]).max())
     print(f"tiny llama first-step logits, max error / max |logit|: {errors}")
-    # random weights of std 0.3 are hard on int8 activations (accuracy_level 4): still close
+    # random weights of std 0.3 are hard on 4-bit blocks (q8 measured 0.04, q4 0.6): still close
     assert errors["q8"] < 0.1 and errors["q4"] < 1.0 and errors["q8"] < errors["q4"]
     assert _first_logits(q8, ids)[0][0] == tokens[0]
 

@@ -86,6 +86,9 @@ def test_inspect(capsys):
     assert main(["inspect", str(LLAMA), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["ops"]["MatMul"] > 0 and 0.99 * 139584 * 4 < info["weight_bytes"] <= 139584 * 4
+    assert "attention: 2 sites (2 decomposed)" in out
+    assert [a["layer"] for a in info["attention"]] == [0, 1]
+    assert all(a["kind"] == "decomposed" and a["bias_terms"] == 0 for a in info["attention"])
 
 
 def _no_kv_model(path):

@@ -85,6 +85,10 @@ def test_tiny_encoders_match_transformers_for_every_pooling(arch, exporter, tmp_
         assert np.abs(out["last_hidden_state"] - ref)[valid].max() < 1e-4
         expected = _reference_pool(ref, mask, pooling, normalize)
         assert np.abs(out["pooled"] - expected).max() < 1e-4, (pooling, normalize)
+        # the ort lowering: BERT-style attention becomes com.microsoft.Attention; mpnet (relative
+        # position bias) and modernbert (rotary, sliding window) keep the portable graph
+        fuse = next(e for e in qm.program.manifest["pipeline"] if e["pass"] == "ort-fuse-encoder")
+        assert fuse["stats"]["attention_fused"] == (0 if arch in ("mpnet", "modernbert") else 2), fuse["stats"]
     short = qm.generate([r[:5] for r in rows])  # all fit the smaller specialization
     assert short["perf"]["seq_len"] == 8
 

@@ -78,20 +78,11 @@ def test_continuous_batching_token_exact(arch, exports, hf_reference, tmp_path):
 @pytest.mark.parametrize("exporter", ["dynamo18", "torchscript17"])
 def test_sliding_window_shorter_than_ctx_len(exporter, tmp_path):
     """Mistral with sliding_window=4 (< ctx_len 64): the window comes from config.json."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from qeff_graph.export import export_causal_lm
     from tests.helpers import tiny_config
 
     config = tiny_config("mistral")
     config.sliding_window = 4
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.save_pretrained(tmp_path / "hf")
-    kind, opset = EXPORTERS[exporter]
-    onnx_path = export_causal_lm(str(tmp_path / "hf"), tmp_path / "onnx", exporter=kind, opset=opset,
-                                 progress=False).onnx_path
+    model, onnx_path = _export(config, exporter, tmp_path)
     program = qg.optimize(onnx_path, tmp_path / "p", ctx_len=64, prompt_len=PROMPT_LEN, batch_size=4)
     assert program.manifest["options"]["sliding_window"] == 4
     batch = prompts()
@@ -103,26 +94,68 @@ def test_sliding_window_shorter_than_ctx_len(exporter, tmp_path):
     unwindowed = generate_ids(RetainedStateSession(full.path, batch_size=4, ctx_len=64), batch,
                               prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS)
     assert unwindowed.generated_ids != result.generated_ids  # the window really matters here
+    _assert_matches_hf(model, batch, result)
+
+
+def _export(config, exporter: str, tmp_path):
+    """A seeded random model from ``config`` saved under tmp_path/hf, and its ONNX export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qeff_graph.export import export_causal_lm
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "hf")
+    kind, opset = EXPORTERS[exporter]
+    return model, export_causal_lm(str(tmp_path / "hf"), tmp_path / "onnx", exporter=kind, opset=opset,
+                                   progress=False).onnx_path
+
+
+def _assert_matches_hf(model, batch, result):
+    """Each prompt's tokens equal transformers' greedy ones (solo run), logits within 1e-4."""
+    from qeff_graph.program.verify import hf_greedy
+
     for i, prompt in enumerate(batch):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=0)
-        assert result.generated_ids[i] == ref.sequences[0, len(prompt):].tolist(), i
-        diff = max(float(np.abs(a - b[0].numpy()).max()) for a, b in zip(result.logits[i], ref.logits))
+        tokens, logits = hf_greedy(model, prompt, NEW_TOKENS)
+        assert result.generated_ids[i] == tokens, i
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(result.logits[i], logits))
         assert diff < 1e-4, (i, diff)
 
 
-def test_mixed_sliding_layers_are_refused(tmp_path):
+def test_config_windows_per_layer(tmp_path):
     import json
 
-    from qeff_graph.errors import QeffGraphError
     from qeff_graph.program import config_sliding_window
 
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}))
-    with pytest.raises(QeffGraphError, match="mixed sliding/full attention"):
-        config_sliding_window(tmp_path, 64)
-    assert config_sliding_window(tmp_path, 8) is None  # window >= ctx_len: nothing to mask
-    (tmp_path / "config.json").write_text(json.dumps({"sliding_window": 8, "use_sliding_window": False}))
-    assert config_sliding_window(tmp_path, 64) is None
+    def windows(config, ctx_len=64):
+        (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, **config}))
+        return config_sliding_window(tmp_path, ctx_len)
+
+    assert windows({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}) == (8, None)
+    assert windows({"sliding_window": 8, "layer_types": ["sliding_attention"] * 2}) == 8
+    assert windows({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, 8) is None
+    assert windows({"sliding_window": 8, "use_sliding_window": False}) is None
+    assert windows({"window_size": 8}) == 8  # another key, same meaning
+
+
+@pytest.mark.parametrize("exporter", ["dynamo18", "torchscript17"])
+def test_mixed_sliding_and_full_layers(exporter, tmp_path):
+    """Qwen2 with layer 1 sliding (window 4) and layer 0 full: one window per layer."""
+    from tests.helpers import tiny_config
+
+    config = tiny_config("qwen2")
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 4, 1
+    config.layer_types = ["full_attention", "sliding_attention"]
+    model, onnx_path = _export(config, exporter, tmp_path)
+    program = qg.optimize(onnx_path, tmp_path / "p", ctx_len=64, prompt_len=PROMPT_LEN, batch_size=4)
+    assert program.manifest["options"]["sliding_window"] == [None, 4]
+    batch = prompts()
+    result = generate_ids(RetainedStateSession(program.path, batch_size=4, ctx_len=64), batch,
+                          prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS, return_logits=True)
+    every = qg.optimize(onnx_path, tmp_path / "all", ctx_len=64, prompt_len=PROMPT_LEN, batch_size=4,
+                        sliding_window=4)
+    all_slide = generate_ids(RetainedStateSession(every.path, batch_size=4, ctx_len=64), batch,
+                             prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS)
+    assert all_slide.generated_ids != result.generated_ids  # the per-layer choice matters here
+    _assert_matches_hf(model, batch, result)

@@ -71,3 +71,30 @@ def test_registry():
     with pytest.raises(QeffGraphError, match="unknown pass 'nope'"):
         registry.get("nope")
     assert all(doc for _, doc in registry.available())
+
+
+def test_requires_and_ensures_are_enforced():
+    """A failed requires is a one-line user error; a failed ensures is a pass bug with a dump."""
+    import onnx_ir as ir
+    import pytest
+
+    from qeff_graph.errors import QeffGraphError
+    from qeff_graph.passes import KVRetention, PassManager
+    from tests.passes.graphs import cache_model, to_ir
+
+    model = to_ir(cache_model())
+    PassManager([KVRetention()])(model)
+    with pytest.raises(QeffGraphError, match="pass 'kv-retention' cannot run on this graph: .*already retained"):
+        PassManager([KVRetention()])(model)
+
+    class Liar(ir.passes.InPlacePass):
+        pass_name = "liar"
+
+        def call(self, model):
+            return ir.passes.PassResult(model, modified=False)
+
+        def ensures(self, model):
+            raise ir.passes.PostconditionError("promised a Foo node")
+
+    with pytest.raises(ir.passes.PassError, match="pass 'liar' did not ensure what it promises: promised a Foo"):
+        PassManager([Liar()])(to_ir(cache_model()))

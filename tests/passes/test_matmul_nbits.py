@@ -5,7 +5,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qeff_graph.errors import QeffGraphError
 from qeff_graph.passes import MatMulNBits, registry
+from qeff_graph.passes.weight_blocks import quantize_float
 from tests.passes.graphs import ops, run, to_ir
+from tests.passes.nbits import effective_weight, effective_weights
 
 N = 24
 vi = helper.make_tensor_value_info
@@ -16,62 +18,113 @@ def _model(nodes, inputs, outputs, inits):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def _linear(k: int, dtype=np.float32):
-    w = np.random.default_rng(k).standard_normal((k, N)).astype(dtype)
+def _linear(k: int, dtype=np.float32, w=None):
+    w = np.random.default_rng(k).standard_normal((k, N)).astype(dtype) if w is None else w
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     return _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", elem, [2, 3, k])],
-                  [vi("y", elem, [2, 3, N])], [numpy_helper.from_array(w, "w")])
+                  [vi("y", elem, [2, 3, w.shape[1]])], [numpy_helper.from_array(w, "w")])
 
 
 def dequantize(qb: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """MatMulNBits B ``[N, k_blocks, blob]`` + scales ``[N * k_blocks]`` → float W ``[K, N]``."""
+    """Symmetric MatMulNBits B ``[N, k_blocks, blob]`` + scales ``[N * k_blocks]`` → W ``[K, N]``."""
     n, k_blocks, _ = qb.shape
     q = np.stack([qb & 15, qb >> 4], axis=-1).reshape(n, k_blocks, -1) if bits == 4 else qb
     w = (q.astype(np.float32) - 2 ** (bits - 1)) * scales.astype(np.float32).reshape(n, k_blocks, 1)
     return w.reshape(n, -1)[:, :k].T
 
 
-def _quantized_weight(model, bits: int, k: int, name: str = "w") -> np.ndarray:
-    inits = model.graph.initializers
-    return dequantize(inits[f"{name}_Q{bits}"].const_value.numpy(),
-                      inits[f"{name}_scales"].const_value.numpy(), bits, k)
+def _the(model, op_type="MatMulNBits"):
+    (node,) = [n for n in model.graph if n.op_type == op_type]
+    return node
 
 
 def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _ops_without_correction(model):
+    """Op types, the block-minimum correction (MatMul(A @ E, mins) + Add) left out."""
+    return [o for o in ops(model) if o not in ("MatMul", "Add")]
+
+
 @pytest.mark.parametrize("k", [64, 40])  # 40: K padded up to a multiple of block_size 32
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantizes_weight(bits, k):
+def test_quantizes_weight_min_max(bits, k):
     proto = _linear(k)
+    w = numpy_helper.to_array(proto.graph.initializer[0])
     x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
-    before = run(proto, {"x": x})["y"]
     model = to_ir(proto)
-    p = MatMulNBits(weight_bits=bits, accuracy_level=None)
+    level = None if bits == 4 else 4  # (8 bits at another level: two 4-bit halves, tested below)
+    p = MatMulNBits(weight_bits=bits, accuracy_level=level)
     assert p(model).modified
-    assert ops(model) == ["MatMulNBits"] and "w" not in model.graph.initializers
-    node = next(iter(model.graph))
+    # MatMulNBits + the block minimum: (x summed per block) @ mins, added
+    assert ops(model) == ["MatMulNBits", "MatMul", "MatMul", "Add"] and "w" not in model.graph.initializers
+    node = _the(model)
     assert node.domain == "com.microsoft" and model.opset_imports["com.microsoft"] == 1
     assert {a: node.attributes[a].value for a in ("K", "N", "bits", "block_size")} == {
         "K": k, "N": N, "bits": bits, "block_size": 32}
-    assert "accuracy_level" not in node.attributes
+    assert ("accuracy_level" in node.attributes) == (level is not None)
     assert model.graph.initializers[f"w_Q{bits}"].const_value.shape == (N, 2, 32 * bits // 8)
+    assert len(node.inputs) == 3  # ORT's default zero point; the minimum is a float
     assert [o.name for o in model.graph.outputs] == ["y"]
-    assert p.stats["quantized"] == p.stats["weights"] == 1
+    assert p.stats["quantized"] == p.stats["weights"] == 1 and p.stats["carried"] == 0
     assert p.stats["bytes_before"] == k * N * 4 > p.stats["bytes_after"]
+    deq = effective_weight(node)
     after = run(model, {"x": x})["y"]
-    np.testing.assert_allclose(after, x @ _quantized_weight(model, bits, k), rtol=1e-4, atol=1e-4)
-    assert _rel(after, before) < (0.15 if bits == 4 else 0.02)
+    assert _rel(after, x @ deq) < (1e-6 if level is None else 0.01)  # level 4: int8 activations
+    # Gaussian weights: the rms error of round-to-nearest on each block's own [min, max]
+    assert _rel(deq, w) < (0.085 if bits == 4 else 0.005)
+    assert _rel(after, x @ w) < (0.1 if bits == 4 else 0.015)
 
 
-def test_accuracy_level_and_float16():
+def test_float_minimum_and_symmetric_grids():
+    """A block keeps all 2^bits levels on its own [min, max] (here all positive, where an integer
+    zero point would waste half the grid); blocks already on a GGUF grid come back exactly."""
+    w = np.random.default_rng(3).uniform(0.5, 1.5, (N, 64)).astype(np.float32)
+    blocks = quantize_float(w, 4, 32)
+    assert blocks.mins is not None and blocks.zero_points is None
+    assert np.abs(blocks.dequantize() - w).max() <= 1.0 / 15 / 2 * 1.0001
+    rng = np.random.default_rng(4)
+    d = rng.uniform(0.01, 0.02, (N, 2, 1)).astype(np.float16).astype(np.float32)  # GGUF scales: float16
+    m = -rng.uniform(0.05, 0.1, (N, 2, 1)).astype(np.float16).astype(np.float32)
+    q4 = rng.integers(0, 16, (N, 2, 32)).astype(np.float32)
+    q4[..., 0], q4[..., 1] = 0, 15  # each block spans its 16 levels
+    q8 = rng.integers(-127, 128, (N, 2, 32)).astype(np.float32)
+    q8[..., 0] = 127
+    for name, exact, bits, tol in (("Q4_0", (q4 - 8) * d, 4, 0), ("Q8_0", q8 * d, 8, 0),
+                                   ("Q4_1", d * q4 + m, 4, 1e-6), ("Q4_1 at 8 bits", d * q4 + m, 8, 1e-6)):
+        exact = exact.reshape(N, 64)
+        got = quantize_float(exact, bits, 32).dequantize()
+        assert np.abs(got - exact).max() <= tol * np.abs(exact).max(), name
+
+
+def test_accuracy_level_auto_and_eight_bit_halves():
+    """auto = accuracy_level 1 (float compute); 8-bit weights then run as two 4-bit halves over
+    [x, x] — exactly the 8-bit weights — as ORT's CPU kernel has no float-compute 8-bit path."""
+    proto = _linear(64)
+    x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
+    model = to_ir(proto)
+    assert MatMulNBits(weight_bits=8)(model).modified
+    assert _ops_without_correction(model) == ["Concat", "MatMulNBits"]
+    node = _the(model)
+    assert {a: node.attributes[a].value for a in ("K", "bits", "accuracy_level")} == {
+        "K": 128, "bits": 4, "accuracy_level": 1}
+    w8 = quantize_float(numpy_helper.to_array(proto.graph.initializer[0]).T, 8, 32).dequantize()
+    np.testing.assert_allclose(effective_weight(node), w8.T, rtol=0, atol=1e-6)  # halves = 8-bit weights
+    assert _rel(run(model, {"x": x})["y"], x @ w8.T) < 1e-6
+    # accuracy_level 4 (int8 compute) keeps true 8-bit blocks
+    model = to_ir(_linear(64))
+    assert MatMulNBits(weight_bits=8, accuracy_level=4)(model).modified
+    assert _ops_without_correction(model) == ["MatMulNBits"] and _the(model).attributes["bits"].value == 8
+    assert _the(model).attributes["accuracy_level"].value == 4
+
+
+def test_float16():
     proto = _linear(64, np.float16)
     x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float16)
     before = run(proto, {"x": x})["y"].astype(np.float32)
     model = to_ir(proto)
-    assert MatMulNBits()(model).modified  # 8 bits, accuracy_level 4
-    assert next(iter(model.graph)).attributes["accuracy_level"].value == 4
+    assert MatMulNBits(accuracy_level=4)(model).modified  # 8 bits
     assert model.graph.initializers["w_scales"].const_value.dtype.numpy() == np.float16
     after = run(model, {"x": x})["y"]
     assert after.dtype == np.float16 and _rel(after.astype(np.float32), before) < 0.03
@@ -83,21 +136,26 @@ def _tied():
              helper.make_node("Transpose", ["wt"], ["wT"], perm=[1, 0]),
              helper.make_node("MatMul", ["h", "wT"], ["logits"])]
     model = _model(nodes, [vi("ids", TensorProto.INT64, [1, 5])],
-                   [vi("logits", TensorProto.FLOAT, [1, 5, N])], [numpy_helper.from_array(wt, "wt")])
+                   [vi("logits", TensorProto.FLOAT, [1, 5, N]), vi("h", TensorProto.FLOAT, [1, 5, 64])],
+                   [numpy_helper.from_array(wt, "wt")])
     return model, wt
 
 
-def test_tied_head():
+@pytest.mark.parametrize("bits,level", [(8, 4), (8, 1), (4, 1)])
+def test_tied_head_and_embedding_share_blocks(bits, level):
+    """The tied embedding's Gather reads the head's blocks (GatherBlockQuantized): the float
+    table is gone and both compute with the same quantized weights."""
     proto, wt = _tied()
     ids = np.array([[0, 3, 7, 11, 23]])
-    before = run(proto, {"ids": ids})["logits"]
     model = to_ir(proto)
-    assert MatMulNBits(weight_bits=8, accuracy_level=None)(model).modified
-    assert ops(model) == ["Gather", "MatMulNBits"] and "wt" in model.graph.initializers
-    w = _quantized_weight(model, 8, 64, "wt")  # B is Wt's row-major layout
-    after = run(model, {"ids": ids})["logits"]
-    np.testing.assert_allclose(after, wt[ids] @ w, rtol=1e-4, atol=1e-4)
-    assert _rel(after, before) < 0.02
+    p = MatMulNBits(weight_bits=bits, accuracy_level=level)
+    assert p(model).modified and p.stats["gathers"] == 1
+    assert "GatherBlockQuantized" in ops(model) and "wt" not in model.graph.initializers
+    w = effective_weight(_the(model))  # [K, N]: the head's weight, B in Wt's row-major layout
+    out = run(model, {"ids": ids})
+    np.testing.assert_array_equal(out["h"], w.T[ids])  # the embedding rows: the same blocks, exactly
+    assert _rel(out["logits"], out["h"] @ w) < (1e-6 if level == 1 else 0.01)
+    assert _rel(w.T, wt) < (0.1 if bits == 4 else 0.005)
 
 
 def test_shared_weight_quantized_once():
@@ -108,7 +166,8 @@ def test_shared_weight_quantized_once():
     p = MatMulNBits(weight_bits=4)
     assert p(model).modified
     assert p.stats["quantized"] == 2 and p.stats["weights"] == 1
-    assert ops(model) == ["MatMulNBits", "MatMulNBits"] and len(model.graph.initializers) == 2
+    assert _ops_without_correction(model) == ["MatMulNBits", "MatMulNBits"]
+    assert len([n for n in model.graph.initializers if n.startswith("w_")]) == 3  # Q4, scales, mins
     x = np.ones((2, 3, 64), np.float32)
     out = run(model, {"x": x})
     np.testing.assert_array_equal(out["y"], out["y2"])
@@ -123,6 +182,8 @@ def test_idempotent_and_bad_options():
         MatMulNBits(weight_bits=3)
     with pytest.raises(QeffGraphError, match="power of two"):
         MatMulNBits(block_size=24)
+    with pytest.raises(QeffGraphError, match="accuracy_level"):
+        MatMulNBits(accuracy_level=7)
 
 
 def test_dynamic_and_small_matmuls_left_alone():
@@ -136,8 +197,8 @@ def test_dynamic_and_small_matmuls_left_alone():
 
 
 def test_registry_create():
-    p = registry.create("matmul-nbits", weight_bits=4, ctx_len=128)
-    assert isinstance(p, MatMulNBits) and p.bits == 4 and p.block_size == 32
+    p = registry.create("matmul-nbits", weight_bits=4, ctx_len=128, gguf="x.gguf")
+    assert isinstance(p, MatMulNBits) and p.bits == 4 and p.block_size == 32 and p.gguf == "x.gguf"
 
 
 def test_layout_matches_ort_quantizer():
@@ -177,3 +238,112 @@ def test_external_weights_copied_data_and_hard_link_error(tmp_path):
     os.link(tmp_path / "m.data", tmp_path / "m.data.link")
     with pytest.raises(QeffGraphError, match="hard links, which onnx/onnx_ir refuse"):
         MatMulNBits()(qir.load(tmp_path / "m.onnx"))
+
+
+# ---- GGUF blocks carried ---------------------------------------------------------------------
+
+def _write_gguf(path, tensors: dict) -> dict[str, np.ndarray]:
+    """Write ``{name: (float32 [N, K], GGML type)}``; return each tensor's ``gguf.dequantize``."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    out = {}
+    for name, (array, qtype) in tensors.items():
+        if qtype == gguf.GGMLQuantizationType.F16:
+            data = array.astype(np.float16)
+            writer.add_tensor(name, data)
+        else:
+            data = gguf.quantize(array, qtype)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        out[name] = np.asarray(gguf.dequantize(data, qtype), np.float32).reshape(array.shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    import gguf
+
+    t = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(7)
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    deq = _write_gguf(path, {
+        "blk.0.attn_q.weight": (rng.standard_normal((48, 64)).astype(np.float32), t.Q4_1),
+        "blk.0.ffn_up.weight": (rng.standard_normal((40, 64)).astype(np.float32), t.Q4_0),
+        "token_embd.weight": (rng.standard_normal((N, 64)).astype(np.float32), t.Q8_0),
+        "blk.0.ffn_down.weight": (rng.standard_normal((16, 64)).astype(np.float32), t.F16),
+    })
+    return path, deq
+
+
+def _gguf_graph(deq, perm, extra=None):
+    """x @ q (rows permuted as transformers permutes llama q/k), x @ up, x @ down (F16),
+    Gather + tied head on the Q8_0 embedding."""
+    inits = {"wq": deq["blk.0.attn_q.weight"][perm].T.copy(), "wup": deq["blk.0.ffn_up.weight"].T.copy(),
+             "wdown": deq["blk.0.ffn_down.weight"].T.copy(), "emb": deq["token_embd.weight"], **(extra or {})}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wup"], ["up"]),
+             helper.make_node("MatMul", ["x", "wdown"], ["down"]), helper.make_node("Gather", ["emb", "ids"], ["h"]),
+             helper.make_node("Transpose", ["emb"], ["embT"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "embT"], ["logits"])]
+    outputs = [vi(n, TensorProto.FLOAT, None) for n in ("q", "up", "down", "h", "logits")]
+    if extra:
+        nodes.append(helper.make_node("MatMul", ["x", "extra"], ["e"]))
+        outputs.append(vi("e", TensorProto.FLOAT, None))
+    return _model(nodes, [vi("x", TensorProto.FLOAT, [2, 3, 64]), vi("ids", TensorProto.INT64, [1, 4])],
+                  outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+
+
+def test_gguf_blocks_carried_exactly(gguf_file):
+    path, deq = gguf_file
+    perm = np.random.default_rng(0).permutation(48)
+    proto = _gguf_graph(deq, perm)
+    x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
+    ids = np.array([[0, 5, 23, 9]])
+    model = to_ir(proto)
+    p = MatMulNBits(weight_bits=4, gguf=str(path))
+    assert p(model).modified
+    assert {k: p.stats[k] for k in ("quantized", "carried", "requantized", "gathers")} == {
+        "quantized": 4, "carried": 3, "requantized": 1, "gathers": 1}
+    assert p.requantized == ["wdown (F16 blk.0.ffn_down.weight)"]
+    weights = effective_weights(model)
+    # bit for bit the GGUF's dequantization: Q4_1 (4-bit + block minimum), Q4_0 (4-bit), Q8_0 (as halves)
+    np.testing.assert_array_equal(weights["q"].view(np.uint32), deq["blk.0.attn_q.weight"][perm].T.view(np.uint32))
+    np.testing.assert_array_equal(weights["up"].view(np.uint32), deq["blk.0.ffn_up.weight"].T.view(np.uint32))
+    np.testing.assert_array_equal(weights["logits"].view(np.uint32), deq["token_embd.weight"].T.view(np.uint32))
+    assert _rel(weights["down"], deq["blk.0.ffn_down.weight"].T) < 0.1  # F16: re-quantized to 4 bits
+    bits = {n.outputs[0].name: n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"}
+    assert set(bits.values()) == {4}  # Q8_0 runs as two 4-bit halves at accuracy_level 1
+    assert ops(model).count("GatherBlockQuantized") == 1 and "emb" not in model.graph.initializers
+    out = run(model, {"x": x, "ids": ids})
+    np.testing.assert_array_equal(out["h"], deq["token_embd.weight"][ids])  # the embedding, exactly
+    for name, w in (("q", weights["q"]), ("up", weights["up"]), ("logits", weights["logits"])):
+        np.testing.assert_allclose(out[name], x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_refuses_a_weight_it_does_not_hold(gguf_file):
+    path, deq = gguf_file
+    perm = np.arange(48)
+    stranger = np.random.default_rng(9).standard_normal((64, 8)).astype(np.float32)
+    with pytest.raises(QeffGraphError, match=r"weight 'extra' \[8, 64\] is not the exact dequantization") as e:
+        MatMulNBits(weight_bits=4, gguf=str(path))(to_ir(_gguf_graph(deq, perm, {"extra": stranger})))
+    assert "\n" not in str(e.value) and "re-export" in str(e.value)
+    # one ulp off in one element: not the GGUF's weight either
+    nudged = deq["blk.0.ffn_up.weight"].T.copy()
+    nudged[3, 5] = np.nextafter(nudged[3, 5], np.float32(np.inf))
+    with pytest.raises(QeffGraphError, match="'extra'"):
+        MatMulNBits(weight_bits=4, gguf=str(path))(to_ir(_gguf_graph(deq, perm, {"extra": nudged})))
+
+
+def test_gguf_bad_inputs(gguf_file, tmp_path):
+    path, deq = gguf_file
+    with pytest.raises(QeffGraphError, match="does not exist"):
+        MatMulNBits(weight_bits=4, gguf=str(tmp_path / "gone.gguf"))(to_ir(_linear(64)))
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(QeffGraphError, match="cannot read GGUF"):
+        MatMulNBits(weight_bits=4, gguf=str(tmp_path / "bad.gguf"))(to_ir(_linear(64)))
+    w16 = deq["blk.0.ffn_up.weight"].T.astype(np.float16)
+    with pytest.raises(QeffGraphError, match="float32 graphs only"):
+        MatMulNBits(weight_bits=4, gguf=str(path))(to_ir(_linear(64, np.float16, w16)))

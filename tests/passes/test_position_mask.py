@@ -101,8 +101,31 @@ def test_masked_score_is_fp16_safe():
     assert np.isfinite(np.float16(MASKED_SCORE)) and np.exp(np.float32(MASKED_SCORE)) == 0.0
 
 
-def test_requires_position_ids():
+def test_position_ids_synthesized_when_the_graph_needs_none():
+    """No position_ids input and no positions computed inside: the pass adds the input."""
     proto = cache_model()
     proto.graph.input.remove(next(i for i in proto.graph.input if i.name == "position_ids"))
-    with pytest.raises(QeffGraphError, match="no position_ids"):
+    model = to_ir(proto)
+    PositionMask()(model)
+    assert "position_ids" in [v.name for v in model.graph.inputs]
+    assert "attention_mask" not in [v.name for v in model.graph.inputs]
+
+
+def test_positions_computed_inside_are_refused():
+    """Range(past_len, past_len + seq) feeding a position table: wrong with a retained cache."""
+    proto = cache_model()
+    g = proto.graph
+    g.input.remove(next(i for i in g.input if i.name == "position_ids"))
+    g.initializer.append(numpy_helper.from_array(np.arange(10, dtype=np.float32), "table"))
+    g.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "step"))
+    g.node.extend([
+        helper.make_node("Squeeze", ["past_len"], ["p0"]),
+        helper.make_node("Squeeze", ["total_len"], ["t0"]),
+        helper.make_node("Range", ["p0", "t0", "step"], ["positions"], name="cache_position"),
+        helper.make_node("Gather", ["table", "positions"], ["pos_emb"]),
+    ])
+    g.output.append(helper.make_tensor_value_info("pos_emb", TensorProto.FLOAT, ["s"]))
+    with pytest.raises(QeffGraphError, match="'cache_position' \\(Range\\) computes token positions"):
         PositionMask()(to_ir(proto))
+
+

@@ -72,8 +72,63 @@ def test_manifest_round_trip_and_continuous_batching():
 
 def test_encoder_specs():
     spec = ProgramSpec(kind="encoder", seq_lens=[128, 32], batch_size=8, pooling="mean", normalize=True)
-    assert spec.seq_lens == (32, 128) and spec.pipeline() == ["pooling", "fp16-clamp", "cleanup"]
+    assert spec.seq_lens == (32, 128) and spec.pipeline() == ["pooling", "fp16-clamp", "ort-fuse-encoder", "cleanup"]
     assert spec.specializations() == {"specializations": [{"batch_size": "8", "seq_len": "32"},
                                                           {"batch_size": "8", "seq_len": "128"}]}
     assert ProgramSpec(kind="encoder").seq_lens == (128,) and ProgramSpec(kind="encoder").pipeline()[0] == "fp16-clamp"
     assert ProgramSpec(kind="encoder", backend="qaic").qaic_options()["retained_state"] is False
+    # ort lowers to ONNX Runtime's fused ops, qaic keeps the portable graph; programs built before the
+    # lowering (manifests without the field) get another cache key and graph, so they are rebuilt
+    qaic = ProgramSpec(kind="encoder", backend="qaic", pooling="mean")
+    assert qaic.pipeline() == ["pooling", "fp16-clamp", "cleanup"] and qaic.ort_lowering is None
+    old = {k: v for k, v in spec.to_dict().items() if k != "ort_lowering"}
+    assert ProgramSpec.from_dict(old).ort_lowering == 0 and "ort-fuse-encoder" not in ProgramSpec.from_dict(old).pipeline()
+    assert ProgramSpec.from_dict(old).cache_key(model="m") != spec.cache_key(model="m")
+    assert ProgramSpec.from_dict(old).graph_options() != spec.graph_options()
+    assert ProgramSpec.from_dict(spec.to_dict()) == spec
+    assert "ort_lowering" not in ProgramSpec().artifact_options() and "ort_lowering" not in qaic.artifact_options()
+
+
+def test_speculative_verify_specialization():
+    spec = ProgramSpec(ctx_len=256, prompt_len=16, batch_size=2, num_speculative_tokens=4)
+    assert spec.specializations()["specializations"] == [
+        {"batch_size": "2", "seq_len": "16", "ctx_len": "256"}, {"batch_size": "2", "seq_len": "1", "ctx_len": "256"},
+        {"batch_size": "2", "seq_len": "5", "ctx_len": "256"}]
+    cb = ProgramSpec(prompt_len=8, full_batch_size=3, num_speculative_tokens=7, backend="qaic")
+    prefill, decode, verify = cb.specializations()["specializations"]
+    assert prefill["batch_size"] == "1" and verify == {**decode, "seq_len": "8"}  # the slots' batch, not prefill's
+    # K+1 == prompt_len without continuous batching: the verify shape is the prefill shape, listed once
+    assert len(ProgramSpec(prompt_len=8, num_speculative_tokens=7).specializations()["specializations"]) == 2
+    assert spec.pass_options(None)["num_speculative_tokens"] == 4 and "num_speculative_tokens" not in \
+        ProgramSpec().pass_options(None)
+    assert spec.graph_options() != ProgramSpec(ctx_len=256, prompt_len=16, batch_size=2).graph_options()
+    assert ProgramSpec.from_dict(spec.to_dict()) == spec
+    # a spec without K keeps the cache key it had before the option existed
+    assert "num_speculative_tokens" not in ProgramSpec().artifact_options()
+    assert spec.cache_key(model="m") != ProgramSpec(ctx_len=256, prompt_len=16, batch_size=2).cache_key(model="m")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_speculative_tokens=0), "--num-speculative-tokens must be >= 1, got 0"),
+    (dict(num_speculative_tokens=2.5), "--num-speculative-tokens must be an integer"),
+    (dict(prompt_len=4, num_speculative_tokens=4), "needs a verify step of 5 tokens, longer than --prompt-len 4"),
+    (dict(kind="encoder", num_speculative_tokens=2), "--num-speculative-tokens applies to causal-LM programs"),
+])
+def test_speculative_bad_options(options, message):
+    with pytest.raises(QeffGraphError) as info:
+        ProgramSpec(**options)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_weight_scheme_tells_old_quantized_programs_apart():
+    """Programs quantized before the current weight scheme (manifests without it: scheme 1) are
+    neither reused nor shared as graph twins; unquantized programs keep their cache keys."""
+    from qeff_graph.program.spec import WEIGHT_SCHEME
+
+    new = ProgramSpec(weight_bits=4)
+    assert new.weight_scheme == WEIGHT_SCHEME and ProgramSpec().weight_scheme is None
+    old = ProgramSpec.from_dict({k: v for k, v in new.to_dict().items() if k != "weight_scheme"})
+    assert old.weight_scheme == 1 and old.graph_options() != new.graph_options()
+    assert old.cache_key(model="m") != new.cache_key(model="m")
+    assert ProgramSpec.from_dict(new.to_dict()) == new
+    assert "weight_scheme" not in ProgramSpec().artifact_options()

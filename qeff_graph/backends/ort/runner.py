@@ -87,9 +87,11 @@ class RetainedStateSession:
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray,
             batch_index: np.ndarray | None = None, phase: str = "decode") -> np.ndarray:
-        """One step; returns logits ``[batch, 1, vocab]`` and keeps the updated cache.
+        """One step; returns logits ``[batch, 1, vocab]`` (a program compiled with
+        ``num_speculative_tokens=K``: ``[batch, seq_len, vocab]`` for a step of at most K+1
+        tokens) and keeps the updated cache.
 
-        ``phase`` (``"prefill"`` or ``"decode"``) only names the step for ``write_io_dir``.
+        ``phase`` (``"prefill"``, ``"decode"`` or ``"verify"``) only names the step for ``write_io_dir``.
         """
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}

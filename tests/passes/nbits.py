@@ -1,0 +1,78 @@
+"""Read back what ``matmul-nbits`` wrote: the float weight each MatMulNBits computes with.
+
+Only the program's own initializers are used: ``B`` codes, ``scales``, ``zero_points`` (ORT's
+default ``2^(bits-1)`` when absent), the 8-bit-as-two-4-bit-halves form (``MatMulNBits`` over
+``Concat(A, A)``) and the ``Q4_1`` block-minimum correction (``Add(MatMulNBits, MatMul(A @ E,
+mins))``), in the order ORT's definition gives: ``(q - zero_point) * scale (+ min)`` in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qeff_graph.ir.io import read_tensor
+
+
+def _array(value: ir.Value) -> np.ndarray:
+    return read_tensor(value.const_value)
+
+
+def unpack(b: np.ndarray, bits: int) -> np.ndarray:
+    """``B`` ``[N, nb, blob]`` → codes ``[N, nb, block]`` (4-bit: even index in the low nibble)."""
+    if bits == 8:
+        return b
+    return np.stack([b & 15, b >> 4], axis=-1).reshape(*b.shape[:-1], -1)
+
+
+def zero_points(node: ir.Node, n: int, nb: int, bits: int) -> np.ndarray:
+    if len(node.inputs) < 4 or node.inputs[3] is None:
+        return np.full((n, nb), 2 ** (bits - 1), np.float32)
+    zp = _array(node.inputs[3]).reshape(n, -1)
+    if bits == 4:
+        zp = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)
+    return zp[:, :nb].astype(np.float32)
+
+
+def effective_weight(node: ir.Node) -> np.ndarray:
+    """The ``[K, N]`` float32 weight a ``MatMulNBits`` node (with its correction) multiplies by."""
+    a, b, scales = node.inputs[:3]
+    k, n = node.attributes["K"].value, node.attributes["N"].value
+    bits, block = node.attributes["bits"].value, node.attributes["block_size"].value
+    q = unpack(_array(b), bits).astype(np.float32)
+    nb = q.shape[1]
+    w = (q - zero_points(node, n, nb, bits)[..., None]) * _array(scales).astype(np.float32).reshape(n, nb, 1)
+    w = w.reshape(n, -1)
+    concat = a.producer()
+    if concat is not None and concat.op_type == "Concat" and len(concat.inputs) == 2 \
+            and concat.inputs[0] is concat.inputs[1]:  # halves: high-nibble blocks + low-nibble blocks
+        k //= 2
+        w = w[:, :k] + w[:, k:2 * k]
+    else:
+        w = w[:, :k]
+    correction = _correction(node)
+    if correction is not None:
+        w = w + np.repeat(correction[1].T, block, axis=1)[:, :k]
+    return np.ascontiguousarray(w.T)
+
+
+def _correction(node: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
+    """``(Add, mins [nb, N])`` of a MatMulNBits's block-minimum correction, if it has one."""
+    for use in node.outputs[0].uses():
+        user = use.node
+        if user.op_type != "Add":
+            continue
+        other = user.inputs[1 - use.idx].producer()
+        if other is not None and other.op_type == "MatMul" and other.inputs[1].const_value is not None:
+            return user, _array(other.inputs[1])
+    return None
+
+
+def effective_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    """``{output name of the MatMul it replaced: [K, N] weight}`` for every MatMulNBits."""
+    out = {}
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            correction = _correction(node)
+            out[(correction[0] if correction else node).outputs[0].name] = effective_weight(node)
+    return out
