@@ -217,7 +217,7 @@ class _Finder:
         before, after = self.dims(node.inputs[0]), self.dims(node.outputs[0])
         return bool(before and after) and before[-1] is not None and before[-1] == after[-1]
 
-    def cache_reads(self, entry, role: str, layer: int) -> tuple[list[tuple[ir.Node, int, ir.Value]], set]:
+    def cache_reads(self, entry) -> tuple[list[tuple[ir.Node, int, ir.Value]], set]:
         """Nodes (with input index) that read the cache of ``entry`` past the layout ops; the set
         of every value that carries the cache."""
         starts = [entry.past, entry.writer.outputs[0]] if entry.writer.op_type != "Attention" else [entry.past]
@@ -248,8 +248,8 @@ class _Finder:
     def sites(self) -> list[AttentionSite]:
         sites: list[AttentionSite] = []
         for layer in self.kv.layers:
-            key_reads, _ = self.cache_reads(layer.key, "key", layer.index)
-            _, value_carried = self.cache_reads(layer.value, "value", layer.index)
+            key_reads, _ = self.cache_reads(layer.key)
+            _, value_carried = self.cache_reads(layer.value)
             if layer.key.writer.op_type == "Attention":
                 key_reads.append((layer.key.writer, 4, layer.key.past))
             found = False

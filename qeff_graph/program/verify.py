@@ -70,8 +70,6 @@ class SourceSession:
     """Greedy decoding on a dynamic-KV source graph (any exporter), one prompt at a time."""
 
     def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None):
-        import onnx_ir as ir
-
         from qeff_graph import ir as qir
         from qeff_graph.backends.ort.session import cpu_session
 
@@ -98,7 +96,7 @@ class SourceSession:
         if extra:
             raise QeffGraphError(f"{onnx_path}: inputs {extra} are not ones verify knows how to feed "
                                  "(input_ids, attention_mask, position_ids, past key/values)")
-        del graph, kv, io, ir
+        del graph, kv, io  # the session holds its own copy
         self.session = cpu_session(onnx_path, threads)
         self.outputs = [self.logits_name, *(c[1] for c in self.cache)]
         vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == self.logits_name)
@@ -212,8 +210,14 @@ def verify_program(source: str | os.PathLike, program: str | os.PathLike, *, pro
         expected = [ref.generate(p, new_tokens) for p in batch]
         got = generate_ids(session, batch, prompt_len=spec.prompt_len, generation_len=new_tokens,
                            return_logits=True)
+    return _compare(label, batch, new_tokens, tolerance, expected, list(zip(got.generated_ids, got.logits)))
+
+
+def _compare(label: str, batch, new_tokens: int, tolerance: float, expected, got) -> VerifyReport:
+    """Per prompt: the share of ``expected`` tokens before the first difference, and the largest
+    logit difference over the steps up to it (later logits are not comparable)."""
     agreement, diff = [], 0.0
-    for (tokens, logits), mine, my_logits in zip(expected, got.generated_ids, got.logits):
+    for (tokens, logits), (mine, my_logits) in zip(expected, got):
         same = next((i for i, (a, b) in enumerate(zip(tokens, mine)) if a != b), min(len(tokens), len(mine)))
         agreement.append(same / len(tokens))
         for a, b in zip(logits[: same + 1], my_logits[: same + 1]):
@@ -253,7 +257,8 @@ def bisect_pipeline(source: str | os.PathLike, program: str | os.PathLike, **ver
             if core and len(core) < len(REWRITE_CORE):
                 continue  # mid-rewrite: no contract to run it in
             if not core:
-                report = _verify_source_prefix(source, prefix, Path(tmp) / f"step{i}", **verify)
+                report = _verify_source_prefix(source, prefix, Path(tmp) / f"step{i}",
+                                               base.pass_options(base.sliding_window), **verify)
                 contract = "source"
             else:
                 out = Path(tmp) / f"step{i}"
@@ -269,14 +274,14 @@ def bisect_pipeline(source: str | os.PathLike, program: str | os.PathLike, **ver
     return None, steps
 
 
-def _verify_source_prefix(source, prefix: list[str], out: Path, **verify) -> VerifyReport:
+def _verify_source_prefix(source, prefix: list[str], out: Path, options: dict, **verify) -> VerifyReport:
     """Passes that run before the retained-state rewrite keep the source contract: compare the
     rewritten source graph with the original, both run as sources."""
     from qeff_graph import ir as qir
     from qeff_graph.passes import PassManager, build_pipeline
 
     graph = qir.load(source)
-    PassManager(build_pipeline(prefix))(graph)
+    PassManager(build_pipeline(prefix, **options))(graph)
     out.mkdir(parents=True)
     qir.save(graph, out / "model.onnx")
     new_tokens, count = verify.get("new_tokens", 8), verify.get("prompts", 4)
@@ -284,11 +289,5 @@ def _verify_source_prefix(source, prefix: list[str], out: Path, **verify) -> Ver
     if ref.vocab is None:
         raise QeffGraphError(f"{source}: the logits output has no static vocabulary size")
     batch = verify_prompts(ref.vocab, 8, 10 ** 6, new_tokens, count)
-    agreement, diff = [], 0.0
-    for p in batch:
-        (t1, l1), (t2, l2) = ref.generate(p, new_tokens), mine.generate(p, new_tokens)
-        same = next((i for i, (a, b) in enumerate(zip(t1, t2)) if a != b), len(t1))
-        agreement.append(same / len(t1))
-        diff = max([diff, *(float(np.abs(a - b).max()) for a, b in zip(l1[: same + 1], l2[: same + 1]))])
-    return VerifyReport(f"onnx:{source}", [len(p) for p in batch], new_tokens, agreement, diff,
-                        verify.get("tolerance", 1e-4))
+    return _compare(f"onnx:{source}", batch, new_tokens, verify.get("tolerance", 1e-4),
+                    [ref.generate(p, new_tokens) for p in batch], [mine.generate(p, new_tokens) for p in batch])

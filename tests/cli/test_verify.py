@@ -60,9 +60,12 @@ def test_bisect_names_the_broken_pass(tmp_path):
 
 
 def test_bisect_on_a_good_program_names_nothing(tmp_path):
-    assert _optimize(tmp_path / "p")[0] == 0
+    """A pass before the rewrite is checked in the source contract, the rest as programs."""
+    assert _optimize(tmp_path / "p", "cleanup,past-shape,position-mask,kv-retention,last-token-logits")[0] == 0
     rc, _, out, _ = run_cli(["verify", SOURCE, str(tmp_path / "p"), "--bisect", "--new-tokens", "4"])
     assert rc == 0
+    assert "after cleanup              (source ) agreement 1.000" in out
+    assert "after last-token-logits    (program) agreement 1.000" in out
     assert out.strip().splitlines()[-1] == "bisect: no pass changes the outputs"
 
 
