@@ -46,7 +46,8 @@ from qeff_graph.errors import UnsupportedGraphError
 from qeff_graph.ir.analysis import KVCache, find_kv_cache, is_weight
 from qeff_graph.ir.build import is_qeff_node
 
-__all__ = ["AttentionSite", "Leaf", "Term", "find_attention_sites", "scalar_value", "is_fill", "MASK_FILL_MAX"]
+__all__ = ["AttentionSite", "Leaf", "Term", "find_attention_sites", "scalar_value", "is_fill", "MASK_FILL_MAX",
+           "infer_symbolic_shapes"]
 
 # A fill value at or below this is a mask (exp(-1e4) == 0 in fp32); torch uses finfo.min or -inf.
 MASK_FILL_MAX = -1e4
@@ -60,6 +61,9 @@ _TERM_LAYOUT = {"Expand", "Slice", "Reshape", "Unsqueeze", "Squeeze", "Cast", "I
 _FUSED_MS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedMultiHeadAttention",
              "DecoderMaskedMultiHeadAttention"}
 _SHAPE_READS = {"Shape", "Size"}
+# Ops whose output is boolean whatever the graph's type annotations say
+_BOOLEAN_OPS = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal", "Not", "And", "Or", "Xor",
+                "IsInf", "IsNaN"}
 _COMPARE = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal", "Not", "And", "Or", "Xor",
             "Trilu", "IsInf", "IsNaN"}
 
@@ -206,7 +210,7 @@ class _Finder:
         if known is not None and None not in known:
             return known
         if self._inferred is None:
-            self._inferred = _infer_symbolic(self.model)
+            self._inferred = infer_symbolic_shapes(self.model)
         return self._inferred.get(value.name, known)
 
     def keeps_key_axis(self, node: ir.Node) -> bool:
@@ -388,6 +392,9 @@ class _Finder:
                     producer.attributes.get_int("to", 0) == ir.DataType.BOOL:
                 leaves.append(Leaf(v, "mask", "boolean mask", use))
                 continue
+            if producer is not None and producer.op_type in _BOOLEAN_OPS:  # a comparison: a bool mask
+                leaves.append(Leaf(v, "mask", "boolean mask", use))
+                continue
             if producer is None and v.dtype is not None and v.dtype.is_integer():
                 leaves.append(Leaf(v, "mask", "an integer 0/1 mask input", use))
                 continue
@@ -449,7 +456,7 @@ def _dims(shape: ir.Shape | None) -> list | None:
     return out
 
 
-def _infer_symbolic(model: ir.Model) -> dict[str, list]:
+def infer_symbolic_shapes(model: ir.Model) -> dict[str, list]:
     """Shapes of every value from the graph alone: ONNX Runtime's symbolic shape inference
     (which follows shape arithmetic), else ONNX's with data propagation; {} when neither runs.
     Small in-memory initializers (axes, shape constants) are kept, the weights become typed inputs."""

@@ -13,6 +13,7 @@ from qeff_graph.passes.last_token_logits import LastTokenLogits
 from qeff_graph.passes.manager import PassManager
 from qeff_graph.passes.matmul_nbits import MatMulNBits
 from qeff_graph.passes.ort_fuse_encoder import ORTFuseEncoder
+from qeff_graph.passes.ort_valid_attention import OrtValidAttention
 from qeff_graph.passes.past_shape import PastShape
 from qeff_graph.passes.pooling import Pooling
 from qeff_graph.passes.pipelines import PIPELINES, build_pipeline, pipeline_names
@@ -27,6 +28,7 @@ __all__ = [
     "LastTokenLogits",
     "MatMulNBits",
     "ORTFuseEncoder",
+    "OrtValidAttention",
     "PassManager",
     "PastShape",
     "Pooling",

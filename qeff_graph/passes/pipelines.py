@@ -5,7 +5,8 @@ retained-state contract of DESIGN.md::
 
     past-shape → position-mask → kv-retention → last-token-logits
         → custom-rmsnorm → [fp16-clamp when the cache is float16]
-        → [matmul-nbits with weight_bits] → cleanup
+        → [matmul-nbits with weight_bits]
+        → [ort-valid-attention on the ort backend: attend over the valid length only] → cleanup
 
 ``encoder`` (``qeff-graph embed``, ``QEFFAutoModel``) prepares an encoder export::
 
@@ -28,6 +29,7 @@ PIPELINES: dict[str, list[str]] = {
         "custom-rmsnorm",
         "fp16-clamp",
         "matmul-nbits",
+        "ort-valid-attention",
         "cleanup",
     ],
     "encoder": ["pooling", "fp16-clamp", "ort-fuse-encoder", "cleanup"],
@@ -41,6 +43,8 @@ def pipeline_names(name: str = "retained-kv", *, kv_dtype: str = "float32",
     names = list(PIPELINES[name])
     if name == "encoder":
         return [n for n in names if (n != "pooling" or pooling) and (n != "ort-fuse-encoder" or ort_lowering)]
+    if not ort_lowering and "ort-valid-attention" in names:
+        names.remove("ort-valid-attention")
     if kv_dtype != "float16" and "fp16-clamp" in names:
         names.remove("fp16-clamp")
     if weight_bits is None and "matmul-nbits" in names:

@@ -23,6 +23,16 @@ consumer of ``position_ids`` (rotary tables, learned position embeddings) reads
 ``max(position_ids, 0)`` so a pad never indexes out of range. ``attention_mask`` is removed from
 the inputs; a use that survives (a bias built from it, its shape) reads an all-ones ``[batch,
 ctx_len]`` tensor, i.e. key slot ``j`` is position ``j``.
+
+A graph without a ``position_ids`` input gets one. If it computes its positions itself (an
+export without ``position_ids``), those positions assume the queries sit right after a cache of
+the true length, which a retained cache (always ``ctx_len`` long) makes wrong; the forms that
+:func:`qeff_graph.ir.positions.find_internal_positions` recognises (``Range(past_len, past_len +
+seq_len)``, ``CumSum(attention_mask) - 1``, see :mod:`qeff_graph.ir.positions`) are replaced where
+they become the model's positions by ``max(position_ids, 0)`` (cast to their dtype). Anything else
+that computes positions from the past length or ``attention_mask``, or such a computation in a
+graph that does have a ``position_ids`` input, is refused with one line naming the node, before
+the graph is changed.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from qeff_graph.errors import PreconditionError, UnsupportedGraphError
 from qeff_graph.ir.analysis import find_io, find_kv_cache
 from qeff_graph.ir.attention import Term, find_attention_sites, is_fill
 from qeff_graph.ir.build import Builder, is_qeff_node
+from qeff_graph.ir.positions import find_internal_positions
 from qeff_graph.passes.registry import register
 
 __all__ = ["PositionMask", "MASKED_SCORE"]
@@ -55,11 +66,13 @@ VISIBLE_MASK = "qeff_visible_mask"
 class PositionMask(ir.passes.InPlacePass):
     """Replace the exporter's causal/padding mask by `key j visible iff j <= position_ids`.
 
-    Requires: a graph with a KV cache and a ``position_ids`` input ``[batch, seq_len]`` whose
-    attention sites the attention analysis understands, not already rewritten by this pass.
-    Ensures: every site's Softmax (or Attention ``attn_mask``) reads the position-derived mask
-    (windowed per layer where ``sliding_window`` says so); ``attention_mask`` is no longer an
-    input; consumers other than the mask read ``max(position_ids, 0)``.
+    Requires: a graph with a KV cache whose attention sites the attention analysis understands,
+    not already rewritten by this pass, with a ``position_ids`` input ``[batch, seq_len]`` or,
+    without one, positions computed in a recognised form (or none at all).
+    Ensures: ``position_ids`` is an input; every site's Softmax (or Attention ``attn_mask``)
+    reads the position-derived mask (windowed per layer where ``sliding_window`` says so);
+    ``attention_mask`` is no longer an input; consumers other than the mask (and the model's
+    reads of positions it computed itself) read ``max(position_ids, 0)``.
     """
 
     def __init__(self, sliding_window: int | Sequence[int | None] | None = None):
@@ -89,6 +102,8 @@ class PositionMask(ir.passes.InPlacePass):
     def ensures(self, model: ir.Model) -> None:
         if any(v.name == "attention_mask" for v in model.graph.inputs):
             raise ir.passes.PostconditionError("attention_mask is still a graph input")
+        if not any(v.name == "position_ids" for v in model.graph.inputs):
+            raise ir.passes.PostconditionError("position_ids is not a graph input")
         for site in self.sites:
             target = site.softmax.inputs[0] if site.softmax is not None else site.scores.inputs[3]
             producer = target.producer() if target is not None else None
@@ -103,12 +118,12 @@ class PositionMask(ir.passes.InPlacePass):
         kv = find_kv_cache(model)
         io = find_io(model, kv)
         sites = find_attention_sites(model, kv)  # raises, naming the node, before any change
-        _check_no_internal_positions(graph, sites, [*kv.past_inputs, io.attention_mask])
+        computed = find_internal_positions(model, kv, io, sites)  # raises, naming the node, before any change
         windows = {site.layer: self.window(site.layer, len(kv.layers)) for site in sites}  # checked up front
         self.sites = sites
         pos = io.position_ids
         synthesized = pos is None
-        if synthesized:  # the graph never needed positions beyond its masks: the program does
+        if synthesized:  # the graph computed its positions (replaced below) or needed none: the program does
             pos = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64),
                            shape=ir.Shape(["batch_size", "seq_len"]))
             graph.inputs.append(pos)
@@ -160,6 +175,11 @@ class PositionMask(ir.passes.InPlacePass):
         clamped = b.op("Max", pos, b.const(np.array(0, dtype=np.int64)), name="qeff_position_ids_clamped")
         for user, index in old_pos_uses:
             user.replace_input_with(index, clamped)
+        for dtype, layout, reads in computed:
+            same = clamped if dtype == ir.DataType.INT64 else b.op("Cast", clamped, to=dtype)
+            same = b.op("Unsqueeze", same, b.i64(*layout)) if layout else same
+            for user, index in reads:
+                user.replace_input_with(index, same)
         b.commit()
 
         removed_mask = False
@@ -185,6 +205,7 @@ class PositionMask(ir.passes.InPlacePass):
             "biases_kept": sum(len(t.biases) for s in sites for t in s.terms),
             "attention_mask_removed": int(removed_mask),
             "position_ids_added": int(synthesized),
+            "computed_positions_replaced": len(computed),
         }
         if any(w is not None for w in windows.values()):
             self.stats["windows"] = ",".join(str(windows[k]) for k in sorted(windows))
@@ -220,64 +241,3 @@ class PositionMask(ir.passes.InPlacePass):
 def _unfilled(where: ir.Node) -> ir.Value:
     """The input of a masking ``Where(c, x, fill)`` (or ``Where(c, fill, x)``) that is not the fill."""
     return where.inputs[2] if is_fill(where.inputs[1]) else where.inputs[1]
-
-
-def _check_no_internal_positions(graph: ir.Graph, sites, sources: list[ir.Value | None]) -> None:
-    """Refuse a graph that computes token positions itself from the past length or the mask.
-
-    Such positions (``Range(past_len, past_len + seq)``, ``CumSum(attention_mask) - 1``) assume
-    queries sit right after the cache; with a retained cache they would be silently wrong. Nodes
-    that only build the masks being replaced are not counted (they die with the rewrite), nor
-    those that build a bias on the scores (shift-invariant in the key position, e.g. ALiBi).
-    """
-    sources = {v for v in sources if v is not None}
-    skipped: set[tuple[int, int]] = set()  # (node id, input index) edges the rewrite removes
-    exempt: set[int] = set()
-    for site in sites:
-        for term in site.terms:
-            if term.mask_only:
-                skipped.add((id(term.node), term.index))
-            for where, _ in term.masked:
-                skipped.update({(id(where), 0), (id(where), 1 if is_fill(where.inputs[1]) else 2)})
-            for leaf in term.leaves:
-                exempt |= _cone(leaf.value)
-        for where in site.mask_wheres:
-            skipped.update({(id(where), 0), (id(where), 1 if is_fill(where.inputs[1]) else 2)})
-    live: set[int] = set()
-    stack = [o.producer() for o in graph.outputs if o.producer() is not None]
-    while stack:
-        node = stack.pop()
-        if id(node) in live:
-            continue
-        live.add(id(node))
-        for i, value in enumerate(node.inputs):
-            if value is not None and (id(node), i) not in skipped and value.producer() is not None:
-                stack.append(value.producer())
-    for node in graph:
-        if (node.op_type in ("Range", "CumSum") and id(node) in live and id(node) not in exempt
-                and not is_qeff_node(node) and _cone(node.outputs[0], stop=sources) & {-1}):
-            raise UnsupportedGraphError(
-                f"node {node.name!r} ({node.op_type}) computes token positions from the past length or "
-                "attention_mask, which a retained cache makes wrong; export the model with a position_ids "
-                "input that the model uses")
-
-
-def _cone(value: ir.Value, stop: set | None = None, limit: int = 5000) -> set[int]:
-    """ids of the nodes ``value`` is computed from (shape reads included); ``-1`` is in the set
-    when one of ``stop`` is reached."""
-    out: set[int] = set()
-    stack = [value]
-    seen: set[int] = set()
-    while stack and len(seen) < limit:
-        v = stack.pop()
-        if v is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        if stop is not None and v in stop:
-            out.add(-1)
-            continue
-        node = v.producer()
-        if node is not None and id(node) not in out:
-            out.add(id(node))
-            stack.extend(node.inputs)
-    return out

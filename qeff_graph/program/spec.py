@@ -47,8 +47,9 @@ GRAPH_FIELDS = ("kind", "kv_dtype", "weight_bits", "passes", "sliding_window", "
 # carried, float compute (issue 11); 1 = symmetric re-quantization, int8 compute (programs built before:
 # their manifests lack the field); 2 = development builds of issue 11 (never reused)
 WEIGHT_SCHEME = 3
-# encoder programs on ort are lowered to ONNX Runtime's fused ops (the ort-fuse-encoder pass); this
-# version is part of their cache key. 0: built before the lowering (manifests without the field)
+# programs on ort are lowered to ONNX Runtime's kernels (encoders: the ort-fuse-encoder pass; causal
+# LMs: ort-valid-attention); this version is part of their cache key. 0: the portable graph (qaic,
+# --ort-lowering 0, and manifests built before the lowering, which lack the field)
 ORT_LOWERING = 1
 # causal-LM options an encoder program must leave at their defaults
 _CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "weight_bits", "mxint8",
@@ -95,7 +96,7 @@ class ProgramSpec:
     normalize: bool = False
     num_speculative_tokens: int | None = None  # K: a verify step of K+1 tokens (speculative decoding)
     weight_scheme: int | None = None  # set from weight_bits: WEIGHT_SCHEME (older manifests: 1)
-    ort_lowering: int | None = None  # encoder on ort: ORT_LOWERING (older manifests: 0); else None
+    ort_lowering: int | None = None  # on ort: ORT_LOWERING (0: portable; older manifests: 0); qaic: None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__.__get__(self)  # frozen: normalize in place, once
@@ -155,7 +156,7 @@ class ProgramSpec:
             raise QeffGraphError("--weight-bits applies to --backend ort; qaic compresses weights with --mxfp6")
         if self.weight_bits is None or self.weight_scheme is None:
             set_("weight_scheme", None if self.weight_bits is None else WEIGHT_SCHEME)
-        if self.kind != "encoder" or self.backend != "ort":
+        if self.backend != "ort":
             set_("ort_lowering", None)  # qaic keeps the portable graph
         elif self.ort_lowering is None:
             set_("ort_lowering", ORT_LOWERING)
@@ -208,7 +209,8 @@ class ProgramSpec:
             return list(self.passes)
         if self.kind == "encoder":
             return pipeline_names("encoder", pooling=self.pooling, ort_lowering=bool(self.ort_lowering))
-        return pipeline_names(kv_dtype=self.kv_dtype, weight_bits=self.weight_bits)
+        return pipeline_names(kv_dtype=self.kv_dtype, weight_bits=self.weight_bits,
+                              ort_lowering=bool(self.ort_lowering))
 
     def pass_options(self, sliding_window: int | None) -> dict:
         """Constructor options handed to the passes (each takes those it knows)."""
@@ -220,6 +222,8 @@ class ProgramSpec:
             options["weight_bits"] = self.weight_bits
         if self.num_speculative_tokens is not None:
             options["num_speculative_tokens"] = self.num_speculative_tokens
+        if self.ort_lowering:  # RMSNorm as ONNX Runtime's kernel (custom-rmsnorm's "ort" target)
+            options["target"] = "ort"
         return options
 
     def threads(self) -> int | None:
@@ -290,8 +294,8 @@ class ProgramSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         if data.get("weight_bits") is not None and "weight_scheme" not in data:
             data = {**data, "weight_scheme": 1}  # built before the scheme was recorded
-        if data.get("kind") == "encoder" and data.get("backend", "ort") == "ort" and "ort_lowering" not in data:
-            data = {**data, "ort_lowering": 0}  # built before the ORT lowering
+        if data.get("backend", "ort") == "ort" and data.get("ort_lowering") is None:
+            data = {**data, "ort_lowering": 0}  # built before the ORT lowering (no field, or null)
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def artifact_options(self) -> dict:
@@ -308,14 +312,15 @@ class ProgramSpec:
             d.pop("num_speculative_tokens")
         if d["weight_scheme"] is None:  # likewise for unquantized programs
             d.pop("weight_scheme")
-        if d["ort_lowering"] is None:  # and for everything but encoders on ort
+        if d["ort_lowering"] is None:  # and for qaic programs
             d.pop("ort_lowering")
         return d
 
     def graph_options(self) -> dict:
         """The options that change ``model.onnx`` itself."""
-        return {name: getattr(self, name) if name != "full_batch_size" else bool(self.full_batch_size)
-                for name in GRAPH_FIELDS}
+        options = {name: getattr(self, name) for name in GRAPH_FIELDS}
+        options.update(full_batch_size=bool(self.full_batch_size), ort_lowering=self.ort_lowering or 0)
+        return options  # ort_lowering 0 (ort) and None (qaic): the same portable graph
 
     def cache_key(self, **identity: Any) -> str:
         """16 hex digits of SHA-256 over the artifact options and ``identity`` (source, versions)."""

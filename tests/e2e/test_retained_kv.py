@@ -24,18 +24,35 @@ PROMPT_LEN = 8
 def test_token_exact_vs_hf(arch, exporter, exports, hf_reference, tmp_path):
     program = qg.optimize(exports(arch, exporter), tmp_path / "program", ctx_len=128,
                           prompt_len=PROMPT_LEN, batch_size=4)
-    assert [e["pass"] for e in program.manifest["pipeline"]][:4] == [
-        "past-shape", "position-mask", "kv-retention", "last-token-logits"]
+    passes = {e["pass"]: e for e in program.manifest["pipeline"]}
+    assert list(passes)[:4] == ["past-shape", "position-mask", "kv-retention", "last-token-logits"]
+    lowering = passes["ort-valid-attention"]["stats"]  # ort: attention over the valid length only
+    assert lowering["lowered"] == lowering["layers"], lowering
     batch = prompts()
     expected = [hf_reference(arch, p, NEW_TOKENS) for p in batch]
     for ctx_len, batch_size in ((64, 4), (128, 4), (64, 2)):
         session = RetainedStateSession(program.path, batch_size=batch_size, ctx_len=ctx_len)
+        assert session.inplace == set(session.cache_specs)  # every cache tensor updated in place
         result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS,
                               return_logits=True)
         for i, (tokens, logits) in enumerate(expected):
             assert result.generated_ids[i] == tokens, (ctx_len, batch_size, i)
             diff = max(float(np.abs(a - b).max()) for a, b in zip(result.logits[i], logits))
             assert diff < 1e-4, (ctx_len, batch_size, i, diff)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_portable_program_and_numpy_feeds_agree(arch, exports, hf_reference, tmp_path):
+    """The portable graph (ort_lowering=0, what qaic gets) run with numpy feeds (no buffer
+    sharing) gives the same tokens as transformers, like the lowered program in place."""
+    program = qg.optimize(exports(arch, "optimum"), tmp_path / "p", ctx_len=64, prompt_len=PROMPT_LEN,
+                          batch_size=4, ort_lowering=0)
+    assert "ort-valid-attention" not in [e["pass"] for e in program.manifest["pipeline"]]
+    batch = prompts()
+    session = RetainedStateSession(program.path, batch_size=4, ctx_len=64, io_binding=False)
+    assert session.inplace == set()
+    result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS)
+    assert result.generated_ids == [hf_reference(arch, p, NEW_TOKENS)[0] for p in batch]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

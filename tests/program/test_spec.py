@@ -57,9 +57,19 @@ def test_qefficient_flags_per_backend():
 
 
 def test_graph_options_ignore_shapes_and_backend():
-    a, b = ProgramSpec(ctx_len=64, batch_size=4), ProgramSpec(ctx_len=256, prompt_len=8, backend="qaic")
+    # the portable graph is shared by qaic and ort_lowering=0; ort's default is lowered (its own graph)
+    a = ProgramSpec(ctx_len=64, batch_size=4, ort_lowering=0)
+    b = ProgramSpec(ctx_len=256, prompt_len=8, backend="qaic")
     assert a.graph_options() == b.graph_options() and a.artifact_options() != b.artifact_options()
-    assert ProgramSpec(kv_dtype="float16").graph_options() != a.graph_options()
+    assert ProgramSpec(kv_dtype="float16", ort_lowering=0).graph_options() != a.graph_options()
+    lowered = ProgramSpec(ctx_len=64, batch_size=4)
+    assert lowered.ort_lowering == 1 and lowered.graph_options() != a.graph_options()
+    assert "ort-valid-attention" in lowered.pipeline() and "ort-valid-attention" not in a.pipeline()
+    assert lowered.pass_options(None)["target"] == "ort" and "target" not in a.pass_options(None)
+    # manifests written before the lowering (no field, or null) describe portable programs
+    old = {k: v for k, v in lowered.to_dict().items() if k != "ort_lowering"}
+    assert ProgramSpec.from_dict(old).ort_lowering == 0
+    assert ProgramSpec.from_dict({**old, "ort_lowering": None}).ort_lowering == 0
 
 
 def test_manifest_round_trip_and_continuous_batching():
@@ -86,7 +96,7 @@ def test_encoder_specs():
     assert ProgramSpec.from_dict(old).cache_key(model="m") != spec.cache_key(model="m")
     assert ProgramSpec.from_dict(old).graph_options() != spec.graph_options()
     assert ProgramSpec.from_dict(spec.to_dict()) == spec
-    assert "ort_lowering" not in ProgramSpec().artifact_options() and "ort_lowering" not in qaic.artifact_options()
+    assert ProgramSpec().artifact_options()["ort_lowering"] == 1 and "ort_lowering" not in qaic.artifact_options()
 
 
 def test_speculative_verify_specialization():

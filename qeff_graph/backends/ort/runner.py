@@ -5,10 +5,13 @@
 :meth:`run`, binds each ``*_RetainedState`` output back as the next input, so callers only
 feed ``input_ids`` and ``position_ids`` (and ``batch_index`` with continuous batching).
 
-With ``io_binding`` (the default) the cache lives in two sets of preallocated ``OrtValue``
-buffers bound with ONNX Runtime's IO binding: a step reads one set and writes the
-``*_RetainedState`` outputs straight into the other, then they swap — no per-step allocation
-and no numpy round trip of the cache. ``io_binding=False`` feeds numpy arrays instead.
+With ``io_binding`` (the default) the cache lives in preallocated ``OrtValue`` buffers bound
+with ONNX Runtime's IO binding — no per-step allocation and no numpy round trip of the cache.
+A cache tensor that the program updates in place
+(:func:`~qeff_graph.backends.ort.inplace.inplace_cache_inputs`: only its ScatterND reads its
+values) has one buffer bound as both the input and its ``*_RetainedState`` output, so a step
+writes only the new rows; any other has two buffers, a step reads one and writes the other,
+then they swap. ``io_binding=False`` feeds numpy arrays instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from qeff_graph.backends.ort.inplace import inplace_cache_inputs_of
 from qeff_graph.backends.ort.io_files import IOFileWriter
 from qeff_graph.backends.ort.session import cpu_session
 from qeff_graph.errors import QeffGraphError
@@ -75,6 +79,7 @@ class RetainedStateSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.io_writer = IOFileWriter(write_io_dir) if write_io_dir else None
         self.io_binding = io_binding
+        self.inplace = inplace_cache_inputs_of(path) if io_binding else set()
         self.reset()
 
     def reset(self) -> None:
@@ -82,7 +87,8 @@ class RetainedStateSession:
         self.cache = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.cache_specs.items()}
         if self.io_binding:
             self._bound = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.cache.items()}
-            self._spare = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros_like(a)) for n, a in self.cache.items()}
+            self._spare = {n: self._bound[n] if n in self.inplace else ort.OrtValue.ortvalue_from_numpy(np.zeros_like(a))
+                           for n, a in self.cache.items()}
             self.cache = None  # lives in the bound buffers
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray,
