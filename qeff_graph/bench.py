@@ -1,18 +1,35 @@
-"""``qeff-graph bench``: prefill/decode speed of program variants, measured side by side.
+"""``qeff-graph bench``: prefill/decode speed of program variants and their peers, side by side.
 
-Every variant is compiled once (through the cache, like ``infer``), then the runs are
-interleaved round-robin — repeat 1 of every variant, then repeat 2, ... — and each number is the
-median over repeats, so machine noise hits all variants alike. Ratios are taken against the
-first variant at the same batch size. Greedy tokens are compared with the first variant's
-(``agree``: the mean fraction of each row's tokens before the first difference).
+Every variant is built once (programs through the cache, like ``infer``; the peers' models
+through ``<cache>/<model>/bench/``) before anything is measured. Then, for each batch size and
+each ctx_len (``ctx_len`` may list several, e.g. 256 and 2048), every variant is loaded into its
+own worker process (:mod:`qeff_graph.bench_peers`: spawn, one process per variant and ctx_len
+that stays alive across the rounds; one batch size at a time) and the runs are interleaved
+round-robin over all variants and ctx_lens of the batch size — repeat 1 of every one, then
+repeat 2, ... — and each number is the median over repeats (the samples are in ``bench.json``),
+so machine noise hits all variants and ctx_lens alike and the ratios come from one run. Ratios (``× first``) are taken against the first
+variant at the same batch size and ctx_len. Greedy tokens are compared with fp32's (the first
+variant's when fp32 is not run) at the same batch size and ctx_len (``agree``: the mean fraction
+of each row's tokens before the first difference). Each row also reports its worker's peak RSS
+(loading included) and its peak resident memory during the measured rounds, and
+whether its KV cache is ``fixed`` (allocated for ctx_len: our programs, GenAI's ``max_length``
+buffer, llama.cpp's ``n_ctx``) or ``dynamic`` (grows with the sequence: torch, plain ORT; their
+ctx_len is only the bound the run was checked against).
 
-Variants (``--variants``): ``fp32`` (the retained-KV program), ``numpy`` (same program, numpy
-feeds instead of IO binding), ``kv-fp16`` (float16 KV cache), ``int8`` (``--mxfp6`` on ort:
-8-bit MatMulNBits weights), ``int4`` (4-bit weights), and speculative decoding with the fp32
-program compiled with ``--num-speculative-tokens K``: ``spec-lookup`` (prompt lookup),
+Our variants (``--variants``): ``fp32`` (the retained-KV program), ``numpy`` (same program,
+numpy feeds instead of IO binding), ``kv-fp16`` (float16 KV cache), ``int8`` (``--mxfp6`` on
+ort: 8-bit MatMulNBits weights), ``int4`` (4-bit weights), and speculative decoding with the
+fp32 program compiled with ``--num-speculative-tokens K``: ``spec-lookup`` (prompt lookup),
 ``spec-int4`` (self-speculation: the int4 program drafts) and ``spec-draft`` (the draft given
 with ``--draft PATH_OR_ID``: a program dir or a model with the same tokenizer). Speculative rows
 also report the acceptance rate and the tokens each target step produced per row.
+
+Peers, in the same list (:mod:`qeff_graph.bench_peers`): ``torch`` (transformers), ``ort-plain``
+(plain ONNX Runtime on the unmodified export), ``genai-fp32`` / ``genai-int4`` (ONNX Runtime
+GenAI), ``llama.cpp`` (llama-cpp-python on the same GGUF); ``peers`` = all of them that are
+installed and can run the model (the others are listed as skipped, with the command that
+installs them). A peer named explicitly that is not installed or cannot run the model is an
+error, in one line, before any work.
 
 Prompts (``--prompt-set``): ``text`` — ``--prompt-tokens`` tokens of an English text per row,
 run to ``--generation-len`` tokens; ``code-rewrite`` — an input-grounded task (an instruct
@@ -33,7 +50,7 @@ import numpy as np
 from qeff_graph import progress as _progress
 from qeff_graph.errors import QeffGraphError
 
-__all__ = ["VARIANTS", "BenchRow", "run_bench", "format_table", "save_plot"]
+__all__ = ["VARIANTS", "BenchRow", "format_table", "run_bench", "save_plot"]
 
 # variant -> (compile options, session options, drafter); a drafter needs the program's verify
 # step: its compile options get num_speculative_tokens
@@ -99,10 +116,15 @@ class BenchRow:
     prefill_tok_s: float
     decode_tok_s: float
     ttft_s: float
-    decode_ratio: float = 1.0  # decode tok/s over the first variant's at this batch size
-    agree: float = 1.0  # token agreement with the first variant
+    decode_ratio: float = 1.0  # decode tok/s over the first variant's at this batch size and ctx_len
+    agree: float = 1.0  # token agreement with fp32 (else the first variant) at this batch size and ctx_len
     acceptance_rate: float | None = None  # speculative: accepted / proposed draft tokens
     tokens_per_step: float | None = None  # speculative: tokens per target step per row
+    ctx_len: int | None = None  # the ctx_len it was run for (see kv: whether it bounds the work)
+    kv: str = ""  # KV cache: "fixed <dtype>" (allocated for ctx_len) or "dynamic" (grows; ctx_len unused)
+    peak_rss_mb: float | None = None  # its worker process's peak resident memory (loading included), MB
+    run_rss_mb: float | None = None  # peak resident memory during the measured rounds, MB
+    decode_tok_s_rounds: list[float | None] | None = None  # each round's decode tok/s (the median's samples)
 
 
 def code_rewrite_prompts(batch: int) -> list[str]:
@@ -130,107 +152,170 @@ def _prompts(model, batch: int, prompt_tokens: int, vocab: int, prompt_set: str 
 
 def run_bench(model_name: str | None = None, *, gguf_file: str | None = None,
               variants: list[str] = ("fp32", "int8"), batch_sizes: list[int] = (1, 4),
-              prompt_len: int = 32, ctx_len: int = 256, prompt_tokens: int = 64,
+              prompt_len: int = 32, ctx_len: int | list[int] = 256, prompt_tokens: int = 64,
               generation_len: int = 64, repeats: int = 3, threads: int | None = None,
               cache_dir=None, progress: bool = True, num_speculative_tokens: int = 4,
-              prompt_set: str = "text", lookup_ngram: int | None = None, draft: str | None = None) -> list[BenchRow]:
-    """Compile every variant for every batch size, run them interleaved, return one row each."""
-    from qeff_graph.generation import generate_ids
+              prompt_set: str = "text", lookup_ngram: int | None = None, draft: str | None = None,
+              skipped: list[str] | None = None) -> list[BenchRow]:
+    """Build every variant (programs through the cache, the peers' models through the bench
+    cache), then for each batch size and ctx_len run them interleaved, each in its own worker
+    process; one row per variant, batch size and ctx_len. ``ctx_len``: one or several.
+    ``skipped``: a list that receives a note for each peer ``peers`` left out."""
+    from qeff_graph import bench_peers
+    from qeff_graph.models import QEFFAutoModelForCausalLM
 
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise QeffGraphError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if ("spec-draft" in variants) != (draft is not None):
-        raise QeffGraphError("the spec-draft variant and --draft PATH_OR_ID go together: give both or neither")
+    ctx_lens = [ctx_len] if isinstance(ctx_len, int) else list(dict.fromkeys(ctx_len))
+    if not ctx_lens or any(not isinstance(c, int) or c < 1 for c in ctx_lens):
+        raise QeffGraphError(f"ctx_len must be integers >= 1, got {ctx_len!r}")
     if prompt_set not in PROMPT_SETS:
         raise QeffGraphError(f"unknown prompt set {prompt_set!r}; choose from {', '.join(PROMPT_SETS)}")
-    if prompt_set == "text" and prompt_tokens + generation_len > ctx_len:
+    source = bench_peers.Source.of(model_name, gguf_file)
+    variants, left_out = bench_peers.select_variants(list(variants), VARIANTS, source, batch_sizes, prompt_set)
+    if skipped is not None:
+        skipped.extend(left_out)
+    if ("spec-draft" in variants) != (draft is not None):
+        raise QeffGraphError("the spec-draft variant and --draft PATH_OR_ID go together: give both or neither")
+    if prompt_set == "text" and prompt_tokens + generation_len > min(ctx_lens):
         raise QeffGraphError(f"--prompt-tokens + --generation-len ({prompt_tokens + generation_len}) "
-                             f"exceed --ctx-len {ctx_len}; raise --ctx-len")
-    if any(VARIANTS[v][2] for v in variants):  # the spec's own check, before any compile
+                             f"exceed --ctx-len {min(ctx_lens)}; raise --ctx-len")
+    if any(VARIANTS[v][2] for v in variants if v in VARIANTS):  # the spec's own check, before any compile
         from qeff_graph.program import ProgramSpec
 
-        ProgramSpec(ctx_len=ctx_len, prompt_len=prompt_len, num_speculative_tokens=num_speculative_tokens)
+        for c in ctx_lens:
+            ProgramSpec(ctx_len=c, prompt_len=prompt_len, num_speculative_tokens=num_speculative_tokens)
+    threads = threads or len(os.sched_getaffinity(0))
+    common = {"model_name": source.name, "gguf_file": source.gguf_file, "cache_dir": cache_dir,
+              "prompt_len": prompt_len, "threads": threads, "num_speculative_tokens": num_speculative_tokens,
+              "lookup_ngram": lookup_ngram, "draft": draft, "generation_len": generation_len}
     rows: list[BenchRow] = []
-    tokens: dict[tuple[str, int], list] = {}
-    eos = None
+    tokens: dict[tuple[str, int, int], list] = {}
     with _progress.quiet(not progress):
-        for batch in batch_sizes:  # one batch size at a time: only its sessions are in memory
-            runs, eos = _prepare(model_name, gguf_file, variants, batch, prompt_len, ctx_len, prompt_tokens,
-                                 threads, cache_dir, num_speculative_tokens, prompt_set, generation_len,
-                                 lookup_ngram, draft)
-            samples: dict[str, list] = {variant: [] for variant, *_ in runs}
-            for r in range(repeats):
-                _progress.say(f"bench: batch {batch}, round {r + 1}/{repeats}")
-                for variant, session, prompts, _, drafter in runs:
-                    result = generate_ids(session, prompts, prompt_len=prompt_len, generation_len=generation_len,
-                                          eos_token_id=eos, drafter=drafter)
-                    samples[variant].append(result.perf)
-                    tokens[(variant, batch)] = result.generated_ids
-            for variant, _, prompts, weights_mb, drafter in runs:
-                perfs = samples[variant]
-                prefill = statistics.median(p["prefill_s"] for p in perfs)
-                row = BenchRow(variant, batch, round(weights_mb, 1), round(perfs[0]["prompt_tokens"] / prefill, 1),
-                               round(statistics.median(p["decode_tok_s"] for p in perfs), 2),
-                               round(statistics.median(p["ttft_s"] for p in perfs), 4))
-                if drafter is not None:  # the same tokens every round: these do not vary
-                    row.acceptance_rate = perfs[-1]["acceptance_rate"]
-                    row.tokens_per_step = perfs[-1]["tokens_per_target_step"]
-                rows.append(row)
-            del runs
+        # everything is built (or found in the cache) before the first measurement
+        model = QEFFAutoModelForCausalLM.from_pretrained(source.name, gguf_file=source.gguf_file, cache_dir=cache_dir)
+        model.export()
+        vocab = _vocab_size(model)
+        prompts, eos = {}, None
+        for batch in batch_sizes:
+            prompts[batch] = _prompts(model, batch, prompt_tokens, vocab, prompt_set)
+        if prompt_set == "code-rewrite":
+            eos = model.tokenizer().eos_token_id
+            longest = max(len(p) for ps in prompts.values() for p in ps)
+            if longest + generation_len > min(ctx_lens):
+                raise QeffGraphError(f"the code-rewrite prompts ({longest} tokens) + --generation-len "
+                                     f"({generation_len}) exceed --ctx-len {min(ctx_lens)}; raise --ctx-len")
+        for batch in batch_sizes:
+            for c in ctx_lens:
+                for variant in variants:
+                    if variant in VARIANTS:
+                        _build_ours(variant, {**common, "batch_size": batch, "ctx_len": c}, open_sessions=False)
+        peer_options = {v: bench_peers.prepare_peer(v, source, model, cache_dir)
+                        for v in variants if v in bench_peers.PEERS}
+        for batch in batch_sizes:  # one batch size at a time: only its workers are in memory
+            rows += _measure(variants, ctx_lens, {**common, "batch_size": batch, "prompts": prompts[batch], "eos": eos},
+                             peer_options, repeats, tokens)
+    reference = "fp32" if "fp32" in variants else variants[0]
     for row in rows:
-        base = next(r for r in rows if r.batch_size == row.batch_size)
-        row.decode_ratio = round(row.decode_tok_s / base.decode_tok_s, 2)
-        row.agree = round(_agreement(tokens[(row.variant, row.batch_size)],
-                                     tokens[(base.variant, base.batch_size)]), 3)
+        group = [r for r in rows if r.batch_size == row.batch_size and r.ctx_len == row.ctx_len]
+        base = group[0]
+        row.decode_ratio = round(row.decode_tok_s / base.decode_tok_s, 2) if base.decode_tok_s else 0.0
+        row.agree = round(_agreement(tokens[(row.variant, row.batch_size, row.ctx_len)],
+                                     tokens[(reference, row.batch_size, row.ctx_len)]), 3)
     return rows
 
 
-def _prepare(model_name, gguf_file, variants, batch, prompt_len, ctx_len, prompt_tokens, threads, cache_dir,
-             num_speculative_tokens, prompt_set, generation_len, lookup_ngram, draft_path=None):
-    """``([(variant, session, prompts, weights MB, drafter)], eos)`` for one batch size; variants
-    built from the same program (fp32 and numpy; int4 and spec-int4's draft) share one ONNX
-    Runtime session (and its weights in memory)."""
-    from qeff_graph.backends.ort import RetainedStateSession
-    from qeff_graph.backends.ort.session import cpu_session
-    from qeff_graph.generation import generate_ids
+def _vocab_size(model) -> int:
+    from qeff_graph.artifact import read_json
+
+    try:
+        return int(read_json(model.export_path / "export.json", "export manifest")["vocab_size"])
+    except (QeffGraphError, KeyError, TypeError, ValueError):
+        return 2
+
+
+def _measure(variants, ctx_lens, options: dict, peer_options: dict, repeats: int, tokens: dict) -> list[BenchRow]:
+    """One batch size: a worker per variant and ctx_len (all alive together), ``repeats`` rounds
+    interleaved over all of them (so ratios and the ctx_len comparison come from the same
+    rounds), medians; rows ordered by ctx_len, then variant."""
+    from qeff_graph.bench_peers import Worker
+
+    batch = options["batch_size"]
+    workers: dict[tuple[int, str], Worker] = {}
+    samples: dict[tuple[int, str], list] = {}
+    rss = {}
+    try:
+        for c in ctx_lens:
+            for variant in variants:
+                _progress.say(f"bench: batch {batch}, ctx_len {c}: loading {variant}")
+                workers[(c, variant)] = Worker(variant, {**options, "ctx_len": c, **peer_options.get(variant, {})})
+                samples[(c, variant)] = []
+        for r in range(repeats):
+            _progress.say(f"bench: batch {batch}, round {r + 1}/{repeats}")
+            for (c, variant), w in workers.items():
+                generated, perf, rss[(c, variant)] = w.run()
+                samples[(c, variant)].append(perf)
+                tokens[(variant, batch, c)] = generated
+    finally:
+        for w in workers.values():
+            w.close()
+    rows = []
+    for (c, variant), w in workers.items():
+        perfs = samples[(c, variant)]
+        prefill = statistics.median(p["prefill_s"] for p in perfs)
+        row = BenchRow(variant, batch, round(w.info["weights_mb"], 1), round(perfs[0]["prompt_tokens"] / prefill, 1),
+                       round(statistics.median(p["decode_tok_s"] or 0.0 for p in perfs), 2),
+                       round(statistics.median(p["ttft_s"] for p in perfs), 4), ctx_len=c, kv=w.info["kv"],
+                       peak_rss_mb=rss[(c, variant)]["peak_rss_mb"], run_rss_mb=rss[(c, variant)]["run_rss_mb"],
+                       decode_tok_s_rounds=[p["decode_tok_s"] for p in perfs])
+        if "acceptance_rate" in perfs[-1]:  # speculative: the same tokens every round, these do not vary
+            row.acceptance_rate = perfs[-1]["acceptance_rate"]
+            row.tokens_per_step = perfs[-1]["tokens_per_target_step"]
+        rows.append(row)
+    return rows
+
+
+def _build_ours(variant: str, o: dict, *, open_sessions: bool):
+    """Compile (or find in the cache) the program of one of our variants, with its draft; with
+    ``open_sessions``, also open it: ``(session, drafter, weights MB, kv dtype)``."""
     from qeff_graph.models import QEFFAutoModelForCausalLM
     from qeff_graph.models.causal_lm import make_drafter, resolve_draft
 
-    runs, shared, eos = [], {}, None
+    compile_options, session_options, draft = VARIANTS[variant]
+    draft = o["draft"] if draft == "--draft" else draft
+    if draft is not None:
+        compile_options = {**compile_options, "num_speculative_tokens": o["num_speculative_tokens"]}
+    model = QEFFAutoModelForCausalLM.from_pretrained(o["model_name"], gguf_file=o["gguf_file"],
+                                                     cache_dir=o["cache_dir"])
+    program = model.compile(prefill_seq_len=o["prompt_len"], ctx_len=o["ctx_len"], batch_size=o["batch_size"],
+                            **compile_options)
+    found = resolve_draft(draft, model.program, model=model) if draft is not None else None
+    if not open_sessions:
+        return None
+    from qeff_graph.backends.ort import RetainedStateSession
 
-    def ort_session(program, n):
-        if (program, n) not in shared:
-            shared[(program, n)] = cpu_session(program / "model.onnx", n)
-        return shared[(program, n)]
+    n = o["threads"]
+    session = RetainedStateSession(program, batch_size=o["batch_size"], ctx_len=o["ctx_len"], threads=n,
+                                   **session_options)
+    drafter = None
+    if draft is not None:
+        drafter = make_drafter(model.program, found, threads=n, lookup_ngram=o["lookup_ngram"])
+    weights = sum(f.stat().st_size for f in program.glob("*.data")) or (program / "model.onnx").stat().st_size
+    return session, drafter, weights / 1e6, model.spec.kv_dtype
 
-    for variant in variants:
-        compile_options, session_options, draft = VARIANTS[variant]
-        draft = draft_path if draft == "--draft" else draft
-        if draft is not None:
-            compile_options = {**compile_options, "num_speculative_tokens": num_speculative_tokens}
-        model = QEFFAutoModelForCausalLM.from_pretrained(model_name, gguf_file=gguf_file, cache_dir=cache_dir)
-        program = model.compile(prefill_seq_len=prompt_len, ctx_len=ctx_len, batch_size=batch, **compile_options)
-        weights = sum(f.stat().st_size for f in program.glob("*.data")) or (program / "model.onnx").stat().st_size
-        n = threads or model.spec.threads()
-        session = RetainedStateSession(program, batch_size=batch, ctx_len=ctx_len,
-                                       session=ort_session(program, n), **session_options)
-        drafter = None
-        if draft is not None:
-            found = resolve_draft(draft, model.program, model=model)
-            drafter = make_drafter(model.program, found, threads=n, lookup_ngram=lookup_ngram,
-                                   session=None if isinstance(found, str) else ort_session(found.path, n))
-        vocab = model.program.manifest["io"]["outputs"][0]["shape"][-1]
-        prompts = _prompts(model, batch, prompt_tokens, vocab if isinstance(vocab, int) else 2, prompt_set)
-        if prompt_set == "code-rewrite":
-            eos = model.tokenizer().eos_token_id
-            longest = max(len(p) for p in prompts)
-            if longest + generation_len > ctx_len:
-                raise QeffGraphError(f"the code-rewrite prompts ({longest} tokens) + --generation-len "
-                                     f"({generation_len}) exceed --ctx-len {ctx_len}; raise --ctx-len")
-        generate_ids(session, prompts, prompt_len=prompt_len, generation_len=4, drafter=drafter)  # warm-up
-        runs.append((variant, session, prompts, weights / 1e6, drafter))
-    return runs, eos
+
+class OurRunner:
+    """One of our program variants inside a bench worker (:mod:`qeff_graph.bench_peers`)."""
+
+    def __init__(self, variant: str, o: dict):
+        self.session, self.drafter, self.weights_mb, kv_dtype = _build_ours(variant, o, open_sessions=True)
+        self.prompt_len = o["prompt_len"]
+        self.kv = f"fixed {'fp16' if kv_dtype == 'float16' else 'fp32'}"
+
+    def run(self, prompts, generation_len, eos):
+        from qeff_graph.generation import generate_ids
+
+        result = generate_ids(self.session, prompts, prompt_len=self.prompt_len, generation_len=generation_len,
+                              eos_token_id=eos, drafter=self.drafter)
+        return result.generated_ids, result.perf
 
 
 def _agreement(got: list[list[int]], ref: list[list[int]]) -> float:
@@ -242,11 +327,18 @@ def _agreement(got: list[list[int]], ref: list[list[int]]) -> float:
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    head = ["variant", "batch", "weights MB", "prefill tok/s", "TTFT s", "decode tok/s", "× first", "agree"]
+    """The rows as a text table (``× first``: decode speed over the first variant's at the same
+    batch size and ctx_len; ``agree``: with fp32, else the first variant)."""
+    def mb(value):
+        return f"{value:.0f}" if value is not None else "-"
+
+    head = ["variant", "batch", "ctx_len", "KV cache", "weights MB", "peak RSS MB", "run RSS MB", "prefill tok/s",
+            "TTFT s", "decode tok/s", "× first", "agree"]
     spec = any(r.acceptance_rate is not None or r.tokens_per_step is not None for r in rows)
     if spec:
         head += ["accepted", "tok/step"]
-    body = [[r.variant, str(r.batch_size), f"{r.weights_mb:.0f}", f"{r.prefill_tok_s:.0f}",
+    body = [[r.variant, str(r.batch_size), str(r.ctx_len) if r.ctx_len is not None else "-", r.kv or "-",
+             f"{r.weights_mb:.0f}", mb(r.peak_rss_mb), mb(r.run_rss_mb), f"{r.prefill_tok_s:.0f}",
              f"{r.ttft_s:.3f}", f"{r.decode_tok_s:.1f}", f"{r.decode_ratio:.2f}", f"{r.agree:.2f}"]
             + ([f"{r.acceptance_rate:.2f}" if r.acceptance_rate is not None else "-",
                 f"{r.tokens_per_step:.2f}" if r.tokens_per_step is not None else "-"] if spec else [])
@@ -254,13 +346,15 @@ def format_table(rows: list[BenchRow]) -> str:
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
              "-|-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths)))
+    left = {0, 3}  # variant and KV cache: text
+    lines += [" | ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths)))
               for b in body]
     return "\n".join(lines)
 
 
 def save_plot(rows: list[BenchRow], path: str | os.PathLike, title: str) -> Path:
-    """Grouped bars: decode tok/s per variant, one group per batch size (matplotlib, Agg)."""
+    """Grouped bars, one group per batch size and ctx_len, a bar per variant: decode tok/s, TTFT
+    and peak RSS side by side (matplotlib, Agg)."""
     try:
         import matplotlib
     except ImportError:
@@ -270,19 +364,23 @@ def save_plot(rows: list[BenchRow], path: str | os.PathLike, title: str) -> Path
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r.variant for r in rows))
-    batches = list(dict.fromkeys(r.batch_size for r in rows))
+    groups = list(dict.fromkeys((r.batch_size, r.ctx_len) for r in rows))
     width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(batches) * len(variants) / 2, 4))
-    for i, variant in enumerate(variants):
-        values = [next((r.decode_tok_s for r in rows if r.variant == variant and r.batch_size == b), 0)
-                  for b in batches]
-        bars = ax.bar([x + i * width for x in range(len(batches))], values, width, label=variant)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(batches))],
-                  [f"batch {b}" for b in batches])
-    ax.set_ylabel("decode tokens/s (all rows)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    panels = [("decode_tok_s", "decode tokens/s (all rows)", "%.0f"), ("ttft_s", "TTFT s", "%.3f"),
+              ("peak_rss_mb", "peak RSS MB (worker process)", "%.0f")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels) + 1.2 * len(groups) * len(variants) / 2, 4.2))
+    for ax, (field, label, fmt) in zip(axes, panels):
+        for i, variant in enumerate(variants):
+            values = [next((getattr(r, field) or 0 for r in rows if r.variant == variant
+                            and (r.batch_size, r.ctx_len) == g), 0) for g in groups]
+            bars = ax.bar([x + i * width for x in range(len(groups))], values, width, label=variant)
+            ax.bar_label(bars, fmt=fmt, fontsize=6, rotation=90, padding=2)
+        ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(groups))],
+                      [f"batch {b}\nctx {c}" for b, c in groups], fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.margins(y=0.2)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

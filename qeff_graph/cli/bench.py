@@ -1,4 +1,9 @@
-"""``qeff-graph bench``: decode/prefill speed of program variants, side by side in one run."""
+"""``qeff-graph bench``: decode/prefill speed of program variants and their peers, side by side in one run.
+
+``qeff-graph bench --variants fp32,int4,int8,torch,ort-plain,genai-fp32,genai-int4,llama.cpp
+--ctx-len 256,2048 --batch-sizes 1`` (or ``--variants fp32,int4,peers``: every peer installed
+here); see :mod:`qeff_graph.bench` and :mod:`qeff_graph.bench_peers`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ HELP = "measure speed side by side: decode/prefill of causal-LM program variants
 
 def add_parser(sub) -> None:
     from qeff_graph.bench import VARIANTS
+    from qeff_graph.bench_peers import PEERS, PEERS_KEYWORD
 
     p = sub.add_parser("bench", help=HELP, formatter_class=HelpFormatter, description=HELP + ". "
                        "Each variant is compiled once (cached like `infer`); runs are interleaved "
@@ -21,7 +27,14 @@ def add_parser(sub) -> None:
                        "kv-fp16 (float16 KV cache), int8 (--mxfp6: 8-bit MatMulNBits), int4, and speculative "
                        "decoding on the fp32 program compiled with --num-speculative-tokens: spec-lookup (prompt "
                        "lookup), spec-int4 (the int4 program drafts) and spec-draft (--draft), with their acceptance rate "
-                       "and tokens per target step. "
+                       "and tokens per target step. Peers in the same list, measured in the same run: "
+                       "torch (transformers, DynamicCache), ort-plain (plain ONNX Runtime on the unmodified export, "
+                       "dynamic KV, IO binding), genai-fp32 / genai-int4 (ONNX Runtime GenAI, its model builder's "
+                       "fp32/int4 CPU models, built once into the cache), llama.cpp (llama-cpp-python on the same "
+                       "GGUF, batch 1); 'peers' = every peer installed here (the others are listed as skipped); a "
+                       "peer named that is not installed is an error. Every variant runs in its own worker process: "
+                       "rows report its peak RSS (loading included) and its peak during the measured rounds, per "
+                       "batch size and --ctx-len. "
                        "--task embed: sentences/s of an encoder program (default: all-MiniLM-L6-v2) beside plain "
                        "ONNX Runtime on its unmodified export and sentence-transformers on torch, every text "
                        "exactly --seq-len tokens (bench-embed.json).")
@@ -33,11 +46,15 @@ def add_parser(sub) -> None:
     add(p, "--gguf-file", default=None, help="GGUF file name inside the model dir")
     add(p, "--cache-dir", default=None, help="cache root (default: $QEFF_HOME, ...)")
     add(p, "--variants", default="fp32,numpy,kv-fp16,int8,int4",
-        help=f"comma-separated, the first is the reference for ratios ({', '.join(VARIANTS)})")
+        help=f"comma-separated, the first is the reference for ratios, fp32 (else the first) for token "
+        f"agreement: ours ({', '.join(VARIANTS)}), peers ({', '.join(PEERS)}) or {PEERS_KEYWORD} (every peer "
+        "installed here that can run the model)")
     add(p, "--batch-sizes", type=positive_ints, default=None, metavar="1,4",
         help="batch sizes (default: 1,4; --task embed: 1,32)")
     add(p, "--prompt-len", type=positive_int, default=32, help="prefill chunk length")
-    add(p, "--ctx-len", type=positive_int, default=256, help="KV cache length")
+    add(p, "--ctx-len", type=positive_ints, default=[256], metavar="256,2048",
+        help="KV cache length(s): each is measured (programs compiled for it; GenAI max_length, llama.cpp "
+        "n_ctx; torch and ort-plain grow their cache as needed) (default: 256)")
     add(p, "--prompt-tokens", type=positive_int, default=64, help="prompt length of every row")
     add(p, "--generation-len", type=positive_int, default=64, help="tokens generated per row")
     add(p, "--repeats", type=positive_int, default=3, help="rounds over all variants")
@@ -55,7 +72,8 @@ def add_parser(sub) -> None:
     add(p, "--texts", type=positive_int, default=256, help="--task embed: texts embedded per measurement")
     add(p, "--peers", default="qeff-graph,ort-export,sentence-transformers",
         help="--task embed: systems to measure (qeff-graph, ort-export, sentence-transformers)")
-    add(p, "--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
+    add(p, "--threads", type=positive_int, default=None,
+        help="intra-op threads of every variant and peer (default: the cores this process may use)")
     add(p, "-o", "--output-dir", default="bench-out",
         help="folder for bench.json and bench.png (created if missing; those two files are replaced)")
     add(p, "--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
@@ -63,8 +81,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from qeff_graph import __version__
     from qeff_graph.bench import format_table, run_bench, save_plot, write_results
-
+    from qeff_graph.bench_peers import omp_wait_policy, peer_versions
     from qeff_graph.errors import QeffGraphError
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -75,18 +94,26 @@ def run(args) -> int:
         return _run_embed(args, out_dir)
     args.batch_sizes = args.batch_sizes or [1, 4]
     load_before = os.getloadavg()[0]
+    skipped: list[str] = []
     rows = run_bench(args.model_name, gguf_file=args.gguf_file, variants=variants,
                      batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
                      prompt_tokens=args.prompt_tokens, generation_len=args.generation_len,
                      repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir,
                      progress=True, num_speculative_tokens=args.num_speculative_tokens,
-                     prompt_set=args.prompt_set, lookup_ngram=args.lookup_ngram, draft=args.draft)
+                     prompt_set=args.prompt_set, lookup_ngram=args.lookup_ngram, draft=args.draft,
+                     skipped=skipped)
     model = args.model_name or "SmolLM2-135M-Instruct (embedded)"
-    machine = f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
+    machine = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+    ran = list(dict.fromkeys(r.variant for r in rows))
     meta = {"model": model, "machine": machine, "prompt_len": args.prompt_len, "ctx_len": args.ctx_len,
             "prompt_tokens": args.prompt_tokens, "generation_len": args.generation_len,
-            "repeats": args.repeats, "prompt_set": args.prompt_set,
+            "repeats": args.repeats, "prompt_set": args.prompt_set, "variants": ran,
+            "agree_with": "fp32" if "fp32" in ran else ran[0],
+            "threads": args.threads or len(os.sched_getaffinity(0)), "omp_wait_policy": omp_wait_policy(),
+            "versions": {"qeff-graph": __version__, **peer_versions(["ort-plain", *ran])},
             "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    if skipped:
+        meta["skipped"] = skipped
     if any(v.startswith("spec-") for v in variants):
         meta["num_speculative_tokens"] = args.num_speculative_tokens
     if args.draft:
@@ -94,15 +121,18 @@ def run(args) -> int:
     prompt = (f"prompt {args.prompt_tokens} tokens" if args.prompt_set == "text"
               else "code-rewrite prompts (chat template, stop at EOS)")
     spec = f", K={args.num_speculative_tokens}" if "num_speculative_tokens" in meta else ""
-    print(f"{model} | {machine} (load average {meta['loadavg_1min'][0]:.1f} before, "
+    ctx = ",".join(str(c) for c in args.ctx_len)
+    print(f"{model} | {machine}, {meta['threads']} threads (load average {meta['loadavg_1min'][0]:.1f} before, "
           f"{meta['loadavg_1min'][1]:.1f} after) | {prompt}, {args.generation_len} generated, "
-          f"ctx_len {args.ctx_len}{spec}, median of {args.repeats}")
+          f"ctx_len {ctx}{spec}, median of {args.repeats}")
+    for note in skipped:
+        print(f"skipped {note}")
     print(format_table(rows))
     out = write_results(rows, args.output_dir, meta)
     print(f"wrote {out}")
     if not args.no_plot:
         plot = save_plot(rows, Path(args.output_dir) / "bench.png",
-                         f"{model}: decode speed ({machine}, ctx_len {args.ctx_len})")
+                         f"{model} ({machine}, {prompt}, {args.generation_len} generated, median of {args.repeats})")
         print(f"wrote {plot}")
     return 0
 

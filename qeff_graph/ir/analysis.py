@@ -122,10 +122,12 @@ def is_weight(value: ir.Value | None, through: frozenset[str] = _WEIGHT_VIEWS) -
     return False
 
 
-def depends_on(value: ir.Value, sources: set[ir.Value], limit: int = 100000) -> bool:
+def depends_on(value: ir.Value, sources: set[ir.Value], limit: int = 100000, *,
+               through_shapes: bool = False, stop=None) -> bool:
     """True if ``value`` is computed from the *data* of any of ``sources`` (backward BFS).
 
-    Reads of a shape (``Shape``/``Size``) do not count as depending on the data.
+    Reads of a shape (``Shape``/``Size``) do not count as depending on the data, unless
+    ``through_shapes``; ``stop(node)`` ends the walk at a node (its inputs are not followed).
     """
     seen: set[int] = set()
     queue = deque([value])
@@ -137,7 +139,9 @@ def depends_on(value: ir.Value, sources: set[ir.Value], limit: int = 100000) -> 
         if v in sources:
             return True
         node = v.producer()
-        if node is not None and node.op_type not in ("Shape", "Size"):
+        if node is None or stop is not None and stop(node):
+            continue
+        if through_shapes or node.op_type not in ("Shape", "Size"):
             queue.extend(i for i in node.inputs if i is not None)
     return False
 

@@ -40,7 +40,7 @@ from qeff_graph.ir.analysis import KVCache, ModelIO
 from qeff_graph.ir.attention import AttentionSite, infer_symbolic_shapes, is_fill, scalar_value
 from qeff_graph.ir.build import is_qeff_node
 
-__all__ = ["PositionReads", "find_internal_positions"]
+__all__ = ["PositionReads", "find_internal_positions", "is_cache_length"]
 
 
 class PositionReads(NamedTuple):
@@ -515,3 +515,9 @@ def _cone(value: ir.Value, stop: set | None = None, limit: int = 5000) -> set[in
             out.add(id(node))
             stack.extend(node.inputs)
     return out
+
+
+def is_cache_length(value: ir.Value, io, pasts: set) -> bool:
+    """True if the one-element int ``value`` is provably the full cache length ``past_len +
+    seq_len`` (``ctx_len`` in a retained program, where past-shape's virtual shape is read)."""
+    return _sym(value, io, pasts) == [_add(_P, _S)]

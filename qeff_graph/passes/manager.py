@@ -75,10 +75,35 @@ def _node_count(model: ir.Model) -> int:
 ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 
+def check_onnx(model: onnx.ModelProto | str | os.PathLike, *, shapes: bool = False) -> None:
+    """The ONNX checker (and with ``shapes`` strict-type shape inference) on a graph or a program's
+    ``model.onnx`` (its external data is not read), with the ONNX Runtime kernels that ORT
+    registers in the ONNX domain (:data:`ORT_ONNX_DOMAIN_OPS`) checked as the contrib ops they
+    are: an ORT-lowered program is valid ONNX for ONNX Runtime, not for other runtimes."""
+    checked = onnx.ModelProto()
+    if isinstance(model, onnx.ModelProto):
+        checked.CopyFrom(model)
+    else:  # the graph only: weights become typed inputs (their bytes are not read)
+        checked = onnx.load(os.fspath(model), load_external_data=False)
+        _initializers_as_inputs(checked.graph)
+    for node in checked.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ORT_ONNX_DOMAIN_OPS:
+            node.domain = "com.microsoft"  # the checker leaves contrib domains to their runtime
+            if not any(o.domain == node.domain for o in checked.opset_import):
+                checked.opset_import.append(onnx.helper.make_opsetid(node.domain, 1))
+    onnx.checker.check_model(checked)
+    if shapes:
+        onnx.shape_inference.infer_shapes(checked, check_type=True, strict_mode=False)
+
+
 def _graph_only_proto(model: ir.Model) -> onnx.ModelProto:
     """The model's proto with initializers turned into typed graph inputs (no weight bytes)."""
     proto = ir.to_proto(model)
-    graph = proto.graph
+    _initializers_as_inputs(proto.graph)
+    return proto
+
+
+def _initializers_as_inputs(graph: onnx.GraphProto) -> None:
     existing = {i.name for i in graph.input}
     for tensor in graph.initializer:
         if tensor.name not in existing:
@@ -86,7 +111,6 @@ def _graph_only_proto(model: ir.Model) -> onnx.ModelProto:
                 onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
             )
     del graph.initializer[:]
-    return proto
 
 
 class PassManager(ir.passes.PassManager):
@@ -197,16 +221,8 @@ class PassManager(ir.passes.PassManager):
 
     def _verify(self, model: ir.Model, name: str) -> None:
         proto = _graph_only_proto(model)
-        checked = onnx.ModelProto()
-        checked.CopyFrom(proto)
-        for node in checked.graph.node:  # ONNX Runtime kernels registered in the ONNX domain: not
-            if node.domain in ("", "ai.onnx") and node.op_type in ORT_ONNX_DOMAIN_OPS:  # ONNX ops
-                node.domain = "com.microsoft"  # the checker leaves contrib domains to their runtime
-                if not any(o.domain == node.domain for o in checked.opset_import):
-                    checked.opset_import.append(onnx.helper.make_opsetid(node.domain, 1))
         try:
-            onnx.checker.check_model(checked)
-            onnx.shape_inference.infer_shapes(checked, check_type=True, strict_mode=False)
+            check_onnx(proto, shapes=True)
         except Exception as exc:
             dump = self._dump(model, f"invalid-after-{name}")
             raise VerificationError(

@@ -29,15 +29,15 @@ it in its stats and the log, naming the node.
 from __future__ import annotations
 
 import logging
-from collections import deque
 
 import onnx_ir as ir
 
 from qeff_graph.backends.ort.inplace import inplace_cache_inputs
 from qeff_graph.errors import PreconditionError
-from qeff_graph.ir.analysis import find_io, find_kv_cache
+from qeff_graph.ir.analysis import depends_on, find_io, find_kv_cache
 from qeff_graph.ir.attention import AttentionSite, _Finder, find_attention_sites, scalar_value
 from qeff_graph.ir.build import Builder, is_qeff_node
+from qeff_graph.ir.positions import is_cache_length
 from qeff_graph.passes.registry import register
 
 __all__ = ["OrtValidAttention"]
@@ -96,13 +96,13 @@ class OrtValidAttention(ir.passes.InPlacePass):
         kept: dict[int, str] = {}
         plans: dict[int, list] = {}
         for layer in kv.layers:
-            layer_sites = [s for s in sites if s.layer == layer.index]
-            why = next((w for w in (_site_blocker(s) for s in layer_sites) if w), None)
-            retargets = []
+            why, retargets, carried = None, [], set()
             for entry in (layer.key, layer.value):
-                fixes, blocked = _path_plan(finder, entry, pasts)
-                why = why or blocked
-                retargets += fixes
+                fixes, blocked, flow = _path_plan(finder, entry, pasts, io)
+                why, retargets, carried = why or blocked, retargets + fixes, carried | flow
+            for site in (s for s in sites if s.layer == layer.index):
+                fixes, blocked = _site_plan(finder, site, carried, pasts, io)
+                why, retargets = why or blocked, retargets + fixes
             if why:
                 kept[layer.index] = why
                 logger.info("%s: layer %d keeps the whole-cache attention: %s", _TAG, layer.index, why)
@@ -115,7 +115,7 @@ class OrtValidAttention(ir.passes.InPlacePass):
             top = b.op("ReduceMax", io.position_ids, keepdims=1)  # [1, 1]: the furthest position of the step
             length = b.op("Add", b.op("Reshape", top, b.i64(1)), b.i64(1))
             length = b.op("Max", length, b.i64(1), name=VALID_LENGTH)  # >= 1 even for an all-pad step
-            zero, seq_axis, last_axis, minus_one = b.i64(0), b.i64(2), b.i64(-1), b.i64(-1)
+            zero, one, seq_axis, last_axis, minus_one = b.i64(0), b.i64(1), b.i64(2), b.i64(-1), b.i64(-1)
             sliced: dict[int, ir.Value] = {}
 
             def key_slice(value: ir.Value) -> ir.Value:  # one slice per operand, shared by its layers
@@ -135,9 +135,9 @@ class OrtValidAttention(ir.passes.InPlacePass):
                 for site in (s for s in sites if s.layer == layer.index):
                     for node, idx in _side_operands(site):
                         node.replace_input_with(idx, key_slice(node.inputs[idx]))
-                for node, shape_input, piece in plans[layer.index]:
+                for node, shape_input, (piece, how) in plans[layer.index]:
                     pieces = list(node.inputs[shape_input].producer().inputs)
-                    pieces[piece] = minus_one if node.op_type == "Reshape" else b.i64(1)
+                    pieces[piece] = {"length": length, "infer": minus_one, "broadcast": one}[how]
                     node.replace_input_with(shape_input, b.op("Concat", *pieces, axis=0))
         b.commit()
         graph.sort()
@@ -153,10 +153,13 @@ def _is_valid_slice(node: ir.Node) -> bool:
         and node.inputs[2] is not None and node.inputs[2].name == VALID_LENGTH
 
 
-def _site_blocker(site: AttentionSite) -> str | None:
-    """Why ``site``'s scores or probabilities cannot carry a shorter key axis, or None."""
+def _site_plan(finder: _Finder, site: AttentionSite, carried: set[ir.Value],
+               pasts: set[ir.Value], io) -> tuple[list, str | None]:
+    """``(retargets, why)`` for the Reshapes on ``site``'s scores and probabilities (Bloom's
+    ``[B*H, S, L]`` ↔ ``[B, H, S, L]`` views): a target that follows the cache length is retargeted
+    like those on the cache paths, or the layer stays whole (``why``)."""
     if site.kind != "decomposed":
-        return None  # an Attention op takes K, V and its mask as they come
+        return [], None  # an Attention op takes K, V and its mask as they come
     nodes = list(site.chain)
     value = site.softmax.outputs[0]
     while True:  # the probabilities' path to P·V (Cast, Transpose, a NaN guard, ...)
@@ -165,10 +168,16 @@ def _site_blocker(site: AttentionSite) -> str | None:
             break
         nodes.append(users[0])
         value = users[0].outputs[0]
+    flow = carried | {site.scores.outputs[0]} | {n.outputs[0] for n in nodes}  # all carry the sliced keys
+    retargets = []
     for node in nodes:
-        if node.op_type == "Reshape":
-            return f"{node.name} reshapes the scores (its target may hold the cache length)"
-    return None
+        if node.op_type != "Reshape" or not _reads_cache_length(finder, node.inputs[1], flow, pasts):
+            continue
+        piece, why = _length_piece(finder, node, node.inputs[1], flow, pasts, io)
+        if why:
+            return [], f"{node.name} reshapes the scores with a target from the cache length: {why}"
+        retargets.append((node, 1, piece))
+    return retargets, None
 
 
 def _side_operands(site: AttentionSite) -> list[tuple[ir.Node, int]]:
@@ -187,8 +196,9 @@ def _side_operands(site: AttentionSite) -> list[tuple[ir.Node, int]]:
     return found
 
 
-def _path_plan(finder: _Finder, entry, pasts: set[ir.Value]) -> tuple[list, str | None]:
-    """``(retargets, why)`` for the read paths of ``entry``'s cache: the shape pieces to replace so
+def _path_plan(finder: _Finder, entry, pasts: set[ir.Value], io) -> tuple[list, str | None, set[ir.Value]]:
+    """``(retargets, why, carried)`` for the read paths of ``entry``'s cache (``carried``: the values
+    on them): the shape pieces to replace so
     that every layout op follows a sliced cache, or why one cannot (then ``retargets`` is moot).
 
     A ``Reshape``/``Expand`` target that exporters compute as ``Concat(pieces)`` with one piece
@@ -205,17 +215,20 @@ def _path_plan(finder: _Finder, entry, pasts: set[ir.Value]) -> tuple[list, str 
             if shape_input is None or use.idx == shape_input or len(node.inputs) <= shape_input:
                 continue
             target = node.inputs[shape_input]
-            if not _reads_cache_length(target, carried, pasts):
+            if not _reads_cache_length(finder, target, carried, pasts):
                 continue
-            piece, why = _length_piece(finder, node, target, carried, pasts)
+            piece, why = _length_piece(finder, node, target, carried, pasts, io)
             if why:
-                return [], f"{node.name} ({node.op_type}) takes its target shape from the cache length: {why}"
+                return [], f"{node.name} ({node.op_type}) takes its target shape from the cache length: {why}", carried
             retargets.append((node, shape_input, piece))
-    return retargets, None
+    return retargets, None, carried
 
 
-def _length_piece(finder: _Finder, node: ir.Node, target: ir.Value, carried, pasts) -> tuple[int | None, str | None]:
-    """The index of the one ``Concat`` piece of ``target`` computed from the cache length."""
+def _length_piece(finder: _Finder, node: ir.Node, target: ir.Value, carried, pasts,
+                  io) -> tuple[tuple[int, str] | None, str | None]:
+    """``(index, how)`` of the one ``Concat`` piece of ``target`` computed from the cache length:
+    ``"length"`` when it provably is that length (it becomes the valid length), else ``"infer"``
+    (-1 in a Reshape) or ``"broadcast"`` (1 in an Expand)."""
     concat = target.producer()
     if node.op_type == "Tile" or concat is None or concat.op_type != "Concat" \
             or concat.attributes.get_int("axis", 0) != 0:
@@ -223,19 +236,21 @@ def _length_piece(finder: _Finder, node: ir.Node, target: ir.Value, carried, pas
     pieces = list(concat.inputs)
     if any(finder.dims(p) != [1] for p in pieces):
         return None, "its pieces are not single dims"
-    hits = [i for i, p in enumerate(pieces) if _reads_cache_length(p, carried, pasts)]
+    hits = [i for i, p in enumerate(pieces) if _reads_cache_length(finder, p, carried, pasts)]
     if len(hits) != 1:
         return None, f"{len(hits)} of its dims follow the cache length"
     index = hits[0]
+    if is_cache_length(pieces[index], io, pasts):
+        return (index, "length"), None
     if node.op_type == "Reshape":
         if any(_constant(p) is not None and _constant(p) < 0 for p in pieces):
             return None, "it already infers a dim (-1)"
-        return index, None
+        return (index, "infer"), None
     dims = finder.dims(node.inputs[0])  # Expand: the input must carry the length at that axis
     at = index - len(pieces) + len(dims) if dims is not None else -1
     if dims is None or at < 0 or dims[at] is None or dims[at] == 1:
         return None, "its input's dim at that axis is not known to be the cache length"
-    return index, None
+    return (index, "broadcast"), None
 
 
 def _constant(value: ir.Value) -> int | None:
@@ -245,22 +260,21 @@ def _constant(value: ir.Value) -> int | None:
     return int(tensor.numpy().reshape(-1)[0])
 
 
-def _reads_cache_length(value: ir.Value, carried: set[ir.Value], pasts: set[ir.Value]) -> bool:
-    """True if ``value`` is computed from a cache input (its shape included) other than through
-    the shape of a value on the (sliced) read path."""
-    seen: set[int] = set()
-    queue = deque([value])
-    while queue:
-        v = queue.popleft()
-        if v is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        if v in pasts:
+def _reads_cache_length(finder: _Finder, value: ir.Value, carried: set[ir.Value], pasts: set[ir.Value]) -> bool:
+    """True if ``value`` may be computed from the cache length: from a cache input (its shape
+    included), other than through the shape of a value on the (sliced) read path or of a value
+    whose shape (symbolic shape inference) provably does not involve the cache length."""
+    length = {str(p.shape[2]) for p in pasts if p.shape is not None and p.shape.rank() == 4}
+    # dims known not to be the cache length: ints, and the symbols of the token inputs
+    others = {str(d) for v in finder.model.graph.inputs if v not in pasts and v.shape is not None
+              for d in v.shape.dims if not isinstance(d, int)} - length
+
+    def settled(node: ir.Node) -> bool:
+        if node.op_type not in ("Shape", "Size"):
+            return False
+        if node.inputs[0] in carried:
             return True
-        node = v.producer()
-        if node is None:
-            continue
-        if node.op_type in ("Shape", "Size") and node.inputs[0] in carried:
-            continue
-        queue.extend(node.inputs)
-    return False
+        dims = finder.dims(node.inputs[0])
+        return dims is not None and all(isinstance(d, int) or str(d) in others for d in dims)
+
+    return depends_on(value, pasts, through_shapes=True, stop=settled)

@@ -17,7 +17,11 @@ with ``visible[b, 0, i, j] = j <= position_ids[b, i]`` of shape ``[batch, 1, seq
 ctx_len]`` (``ctx_len`` read off the cache input); with a window ``W`` for the site's layer
 also ``j > position_ids[b, i] - W`` (each query sees its last W positions, as sliding attention
 does; the cache keeps every position, so this needs ``ctx_len`` slots, no ring). ``sliding_window``
-is one window for every layer or a list with one entry per layer (``None``: full attention).
+is one window for every layer or a list with one entry per layer (``None``: full attention), as
+configured (the builder reads config.json); the exporter's own masks are also run on a probe
+(:mod:`qeff_graph.ir.mask_probe`): a window they apply is used where none is configured, a
+configured one is kept where the graph shows plain causal attention (an exporter may have traced
+it away), a different one is refused — as is a mask that is not causal (bidirectional, chunked).
 A padding token has position ``-1``: it sees nothing (its output is ignored), and every other
 consumer of ``position_ids`` (rotary tables, learned position embeddings) reads
 ``max(position_ids, 0)`` so a pad never indexes out of range. ``attention_mask`` is removed from
@@ -48,6 +52,7 @@ from qeff_graph.errors import PreconditionError, UnsupportedGraphError
 from qeff_graph.ir.analysis import find_io, find_kv_cache
 from qeff_graph.ir.attention import Term, find_attention_sites, is_fill
 from qeff_graph.ir.build import Builder, is_qeff_node
+from qeff_graph.ir.mask_probe import probe_mask_windows, reconcile_windows
 from qeff_graph.ir.positions import find_internal_positions
 from qeff_graph.passes.registry import register
 
@@ -120,6 +125,9 @@ class PositionMask(ir.passes.InPlacePass):
         sites = find_attention_sites(model, kv)  # raises, naming the node, before any change
         computed = find_internal_positions(model, kv, io, sites)  # raises, naming the node, before any change
         windows = {site.layer: self.window(site.layer, len(kv.layers)) for site in sites}  # checked up front
+        # the windows the exporter's own masks apply (probed numerically), reconciled with the
+        # configured ones: a graph window wins over none, a different one is refused
+        windows = reconcile_windows(probe_mask_windows(model, sites, kv, io), windows)
         self.sites = sites
         pos = io.position_ids
         synthesized = pos is None

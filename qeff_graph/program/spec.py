@@ -68,9 +68,12 @@ class ProgramSpec:
     ``kind="encoder"`` (embedding models): ``seq_lens`` are the sequence-length
     specializations (default 128; the runtime pads a batch to the smallest that fits),
     ``pooling`` (mean | cls | max) and ``normalize`` append sentence-embedding pooling; the
-    causal-LM options (ctx_len, prompt_len, KV cache, full batch, weight bits) do not apply. On
-    ort an encoder is lowered to ONNX Runtime's fused Attention (``ort_lowering``: the
-    ``ort-fuse-encoder`` pass; 0 keeps the portable graph, as qaic always does).
+    causal-LM options (ctx_len, prompt_len, KV cache, full batch, weight bits) do not apply.
+
+    On ort a program is lowered to ONNX Runtime (``ort_lowering``, default ``ORT_LOWERING``): an
+    encoder's attention becomes ORT's fused Attention (``ort-fuse-encoder``), a causal LM attends
+    over the valid length of its cache (``ort-valid-attention``) and its RMSNorms become
+    ``SimplifiedLayerNormalization``. ``ort_lowering=0`` keeps the portable graph, as qaic always does.
     """
 
     ctx_len: int = 128

@@ -9,7 +9,7 @@ each exporter (torch dynamo at opset 18, TorchScript at opset 17):
    ``present.*`` back as ``past_key_values.*`` — gives transformers' logits (same inputs, a
    ``DynamicCache``) within 1e-4 at every real position.
 2. ``test_pipeline_token_exact``: the whole pipeline — ``qeff_graph.optimize`` (ctx_len 64,
-   prompt_len 8, batch 4), ``RetainedStateSession``, ``generate_ids`` (chunked prefill of a
+   prompt_len 8, batch 4; the ort program, lowered in every layer), ``RetainedStateSession``, ``generate_ids`` (chunked prefill of a
    padded batch of 4) — gives transformers' greedy tokens exactly, logits within 1e-4.
 
 Exports are made once per session (``conftest.py``). Nothing here is skipped or marked as
@@ -99,6 +99,8 @@ def test_pipeline_token_exact(family, exporter, family_model, family_export, tmp
     res = family_export(family, exporter)
     model = family_model(family)
     program = qg.optimize(res.onnx_path, tmp_path / "program", ctx_len=CTX_LEN, prompt_len=PROMPT_LEN, batch_size=4)
+    lowering = next(e["stats"] for e in program.manifest["pipeline"] if e["pass"] == "ort-valid-attention")
+    assert lowering["lowered"] == lowering["layers"], lowering  # attention over the valid length, every layer
     session = RetainedStateSession(program.path, batch_size=4, ctx_len=CTX_LEN)
     batch = prompts()
     result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS, return_logits=True)

@@ -21,6 +21,7 @@ import onnxruntime as ort
 import pytest
 
 import qeff_graph as qg
+from qeff_graph.passes.manager import check_onnx
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,7 +181,7 @@ def test_hidden_4096_sparse_graph_optimizes_without_reading_weights(tmp_path):
     linked = os.path.samefile(out_data, data)
     out_actual, out_apparent = lg.disk_usage(program)
     assert not linked and out_actual < 50 * 2**20, (linked, out_actual)  # a sparse copy
-    onnx.checker.check_model(str(program / "model.onnx"))  # refuses hard-linked data files
+    check_onnx(program / "model.onnx")  # valid (ORT's contrib kernels as contrib ops)
     proto = _assert_all_external(program / "model.onnx")
     assert len(proto.graph.initializer) == 4 * 9 + 4  # every weight kept, none inlined
     assert {e["pass"]: e["stats"] for e in result["passes"]}["custom-rmsnorm"]["rmsnorm_substituted"] == 9

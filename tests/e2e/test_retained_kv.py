@@ -106,12 +106,20 @@ def test_sliding_window_shorter_than_ctx_len(exporter, tmp_path):
     session = RetainedStateSession(program.path, batch_size=4, ctx_len=64)
     result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS,
                           return_logits=True)
-    full = qg.optimize(onnx_path, tmp_path / "full", ctx_len=64, prompt_len=PROMPT_LEN, batch_size=4,
-                       sliding_window=None)
-    unwindowed = generate_ids(RetainedStateSession(full.path, batch_size=4, ctx_len=64), batch,
-                              prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS)
-    assert unwindowed.generated_ids != result.generated_ids  # the window really matters here
     _assert_matches_hf(model, batch, result)
+    # with nothing configured the window is read off the export's own mask (the mask probe)
+    bare = qg.optimize(onnx_path, tmp_path / "bare", ctx_len=64, prompt_len=PROMPT_LEN, batch_size=4,
+                       sliding_window=None)
+    mask = next(e for e in bare.manifest["pipeline"] if e["pass"] == "position-mask")
+    assert mask["stats"]["windows"] == "4,4"
+    again = generate_ids(RetainedStateSession(bare.path, batch_size=4, ctx_len=64), batch,
+                         prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS)
+    assert again.generated_ids == result.generated_ids
+    # and the window really matters here: transformers without it generates other tokens
+    from qeff_graph.program.verify import hf_greedy
+
+    model.config.sliding_window = None
+    assert [hf_greedy(model, p, NEW_TOKENS)[0] for p in batch] != result.generated_ids
 
 
 def _export(config, exporter: str, tmp_path):

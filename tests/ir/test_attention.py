@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qeff_graph.errors import PreconditionError, UnsupportedGraphError
 from qeff_graph.ir.attention import find_attention_sites
-from qeff_graph.passes import KVRetention, PassManager, PositionMask
+from qeff_graph.passes import KVRetention, PassManager, PastShape, PositionMask
 from tests.passes.graphs import D, H, V, cache_model, reference_attention, run, to_ir
 
 SLOPES = np.array([0.5, 0.25], np.float32)  # one per head
@@ -40,7 +40,8 @@ def _alibi(masked_where: bool):
     if masked_where:  # falcon: alibi.masked_fill(~mask, min)
         nodes += [helper.make_node("Cast", ["attention_mask"], ["keep"], to=TensorProto.BOOL),
                   helper.make_node("Unsqueeze", ["keep", "axes12"], ["keep4"]),
-                  helper.make_node("Where", ["keep4", "alibi", "neg_big"], ["term"])]
+                  helper.make_node("Where", ["keep4", "alibi", "neg_big"], ["masked_alibi"]),
+                  helper.make_node("Add", ["masked_alibi", "cm_fill"], ["term"])]  # and the causal part
     else:
         nodes += [helper.make_node("Add", ["alibi", "add_mask"], ["term"])]
     inits = [numpy_helper.from_array(SLOPES.reshape(1, H, 1, 1), "slopes"),
@@ -69,7 +70,7 @@ def test_alibi_bias_is_kept(masked_where):
     model = to_ir(proto)
     sites = find_attention_sites(model)
     assert len(sites) == 1 and len(sites[0].terms[0].biases) == 1
-    PassManager([KVRetention(), PositionMask()])(model)
+    PassManager([PastShape(), PositionMask(), KVRetention()])(model)
     pos = np.array([[2, 3], [0, -1]])
     feeds = _feeds(pos)
     out = run(model, feeds)

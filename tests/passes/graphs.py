@@ -24,7 +24,9 @@ def _i64(name, values):
 
 
 def cache_model(seed: int = 0) -> onnx.ModelProto:
-    """Dynamic-KV graph: new k/v rows from an embedding; present = Concat(past, new, axis=2).
+    """Dynamic-KV graph: new k/v rows from an embedding; present = Concat(past, new, axis=2);
+    the scores get a padding mask from ``attention_mask`` plus a causal one (``Range`` from the
+    past length), as exporters build them.
 
     Also outputs Shape(past_key)-derived total length, as exporters do, and logits from a
     MatMul LM head, so every pass has something to rewrite.
@@ -50,7 +52,16 @@ def cache_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
         helper.make_node("Sub", ["one", "maskf"], ["inv"]),
         helper.make_node("Mul", ["inv", "neg_big"], ["add_mask2"]),
-        helper.make_node("Unsqueeze", ["add_mask2", "axes12"], ["add_mask"]),  # [B,1,1,T]
+        helper.make_node("Unsqueeze", ["add_mask2", "axes12"], ["pad_mask"]),  # [B,1,1,T]
+        # causal part, as exporters build it: key k visible to query q iff k <= past_len + q
+        helper.make_node("Squeeze", ["past_len"], ["cm_past"]),
+        helper.make_node("Squeeze", ["total_len"], ["cm_total"]),
+        helper.make_node("Range", ["cm_start", "cm_total", "cm_step"], ["cm_keys"]),  # [T]
+        helper.make_node("Range", ["cm_past", "cm_total", "cm_step"], ["cm_queries"]),  # [S]
+        helper.make_node("Unsqueeze", ["cm_queries", "cm_axis"], ["cm_query"]),  # [S, 1]
+        helper.make_node("LessOrEqual", ["cm_keys", "cm_query"], ["cm_visible"]),  # [S, T]
+        helper.make_node("Where", ["cm_visible", "cm_zero", "neg_big"], ["cm_fill"]),
+        helper.make_node("Add", ["pad_mask", "cm_fill"], ["add_mask"]),  # [B,1,S,T]
         helper.make_node("Add", ["scores", "add_mask"], ["masked"]),
         helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
         helper.make_node("MatMul", ["probs", "present.0.value"], ["ctx4"]),  # [B,H,S,D]
@@ -60,7 +71,10 @@ def cache_model(seed: int = 0) -> onnx.ModelProto:
     ]
     inits = [emb, head, _i64("hd_tail", [H, D]), _i64("axes12", [1, 2]), _i64("flat_shape", [0, 0, -1]),
              numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-             numpy_helper.from_array(np.array(-1e9, np.float32), "neg_big")]
+             numpy_helper.from_array(np.array(-1e9, np.float32), "neg_big"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "cm_zero"),
+             numpy_helper.from_array(np.array(0, np.int64), "cm_start"),
+             numpy_helper.from_array(np.array(1, np.int64), "cm_step"), _i64("cm_axis", [-1])]
     cache_t = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, "past", D])  # noqa: E731
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),

@@ -127,8 +127,20 @@ def test_attention_op_with_past_inputs():
     from onnx import TensorProto, helper
 
     vi = helper.make_tensor_value_info
-    nodes = [helper.make_node("Attention", ["q", "k", "v", "", "past_key_values.0.key", "past_key_values.0.value"],
-                              ["y", "present.0.key", "present.0.value"])]
+    nodes = [helper.make_node("Attention", ["q", "k", "v", "mask", "past_key_values.0.key", "past_key_values.0.value"],
+                              ["y", "present.0.key", "present.0.value"]),
+             # the causal mask over past + new keys, from the past length, as exporters build it
+             helper.make_node("Shape", ["past_key_values.0.key"], ["past_len"], start=2, end=3),
+             helper.make_node("Shape", ["input_ids"], ["seq_len"], start=1, end=2),
+             helper.make_node("Add", ["past_len", "seq_len"], ["total_len"]),
+             helper.make_node("Squeeze", ["past_len"], ["p0"]),
+             helper.make_node("Squeeze", ["total_len"], ["t0"]),
+             helper.make_node("Range", ["zero", "t0", "one"], ["keys"]),
+             helper.make_node("Range", ["p0", "t0", "one"], ["queries"]),
+             helper.make_node("Unsqueeze", ["queries", "last"], ["query"]),
+             helper.make_node("LessOrEqual", ["keys", "query"], ["mask"])]
+    inits = [helper.make_tensor("zero", TensorProto.INT64, [], [0]), helper.make_tensor("one", TensorProto.INT64, [], [1]),
+             helper.make_tensor("last", TensorProto.INT64, [1], [-1])]
     graph = helper.make_graph(nodes, "g", [
         vi("input_ids", TensorProto.INT64, ["b", "s"]), vi("position_ids", TensorProto.INT64, ["b", "s"]),
         vi("q", TensorProto.FLOAT, ["b", H, "s", D]), vi("k", TensorProto.FLOAT, ["b", H, "s", D]),
@@ -136,7 +148,7 @@ def test_attention_op_with_past_inputs():
         vi("past_key_values.0.key", TensorProto.FLOAT, ["b", H, "p", D]),
         vi("past_key_values.0.value", TensorProto.FLOAT, ["b", H, "p", D])],
         [vi("y", TensorProto.FLOAT, ["b", H, "s", D]), vi("present.0.key", TensorProto.FLOAT, ["b", H, "t", D]),
-         vi("present.0.value", TensorProto.FLOAT, ["b", H, "t", D])])
+         vi("present.0.value", TensorProto.FLOAT, ["b", H, "t", D])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model = PassManager(["kv-retention", "position-mask", "cleanup"])(to_ir(proto)).model
     att = next(n for n in model.graph if n.op_type == "Attention")

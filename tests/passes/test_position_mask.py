@@ -71,8 +71,18 @@ def test_attention_op_gets_bool_mask():
     nodes = [
         helper.make_node("Concat", ["past_key_values.0.key", "k"], ["present.0.key"], axis=2),
         helper.make_node("Concat", ["past_key_values.0.value", "k"], ["present.0.value"], axis=2),
-        helper.make_node("Attention", ["k", "present.0.key", "present.0.value", "mask"], ["y"], is_causal=1),
-        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.BOOL),
+        helper.make_node("Attention", ["k", "present.0.key", "present.0.value", "mask"], ["y"]),
+        # padding from attention_mask and a causal part from the past length, as exporters build it
+        helper.make_node("Cast", ["attention_mask"], ["pad"], to=TensorProto.BOOL),
+        helper.make_node("Shape", ["past_key_values.0.key"], ["past_len"], start=2, end=3),
+        helper.make_node("Shape", ["attention_mask"], ["total_len"], start=1, end=2),
+        helper.make_node("Squeeze", ["past_len"], ["p0"]),
+        helper.make_node("Squeeze", ["total_len"], ["t0"]),
+        helper.make_node("Range", ["zero", "t0", "one"], ["keys"]),
+        helper.make_node("Range", ["p0", "t0", "one"], ["queries"]),
+        helper.make_node("Unsqueeze", ["queries", "last"], ["query"]),
+        helper.make_node("LessOrEqual", ["keys", "query"], ["causal"]),
+        helper.make_node("And", ["pad", "causal"], ["mask"]),
     ]
     vi = helper.make_tensor_value_info
     graph = helper.make_graph(nodes, "g", [
@@ -82,6 +92,9 @@ def test_attention_op_gets_bool_mask():
         vi("past_key_values.0.value", TensorProto.FLOAT, ["b", H, "p", D]),
     ], [vi("y", TensorProto.FLOAT, None), vi("present.0.key", TensorProto.FLOAT, None),
         vi("present.0.value", TensorProto.FLOAT, None)])
+    graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                              numpy_helper.from_array(np.array(1, np.int64), "one"),
+                              numpy_helper.from_array(np.array([-1], np.int64), "last")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model = to_ir(proto)
     KVRetention()(model)

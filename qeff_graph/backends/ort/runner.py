@@ -83,12 +83,18 @@ class RetainedStateSession:
         self.reset()
 
     def reset(self) -> None:
-        """Zero the KV cache."""
+        """Zero the KV cache (bound buffers are zeroed where they are, not allocated again)."""
+        if self.io_binding and getattr(self, "_buffers", None):
+            for array in self._buffers:  # the OrtValues wrap these arrays' memory
+                array.fill(0)
+            return
         self.cache = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.cache_specs.items()}
         if self.io_binding:
+            spare = {n: a if n in self.inplace else np.zeros_like(a) for n, a in self.cache.items()}
+            self._buffers = [*self.cache.values(), *(a for n, a in spare.items() if n not in self.inplace)]
             self._bound = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.cache.items()}
-            self._spare = {n: self._bound[n] if n in self.inplace else ort.OrtValue.ortvalue_from_numpy(np.zeros_like(a))
-                           for n, a in self.cache.items()}
+            self._spare = {n: self._bound[n] if n in self.inplace else ort.OrtValue.ortvalue_from_numpy(a)
+                           for n, a in spare.items()}
             self.cache = None  # lives in the bound buffers
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray,
