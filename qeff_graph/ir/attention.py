@@ -46,7 +46,7 @@ from qeff_graph.errors import UnsupportedGraphError
 from qeff_graph.ir.analysis import KVCache, find_kv_cache, is_weight
 from qeff_graph.ir.build import is_qeff_node
 
-__all__ = ["AttentionSite", "Leaf", "Term", "find_attention_sites", "scalar_value", "is_fill", "MASK_FILL_MAX",
+__all__ = ["AttentionSite", "Leaf", "Term", "describe_node", "find_attention_sites", "scalar_value", "is_fill", "MASK_FILL_MAX",
            "infer_symbolic_shapes"]
 
 # A fill value at or below this is a mask (exp(-1e4) == 0 in fp32); torch uses finfo.min or -inf.
@@ -102,6 +102,7 @@ class AttentionSite:
     softmax: ir.Node | None = None
     pv: ir.Node | None = None  # MatMul(P, V)
     chain: list[ir.Node] = dataclasses.field(default_factory=list)  # scores → softmax, in order
+    probs: list[ir.Node] = dataclasses.field(default_factory=list)  # softmax → P·V (exclusive), in order
     terms: list[Term] = dataclasses.field(default_factory=list)
     mask_wheres: list[ir.Node] = dataclasses.field(default_factory=list)  # Where(c, chain, fill)
     scale: float | None = 1.0  # None: computed in the graph from shapes
@@ -119,7 +120,10 @@ class AttentionSite:
         }
 
 
-def _where(node: ir.Node) -> str:
+def describe_node(node: ir.Node | None, missing: str = "a graph input") -> str:
+    """How refusals name a node: ``node 'name' (OpType)``; ``missing`` when there is none."""
+    if node is None:
+        return missing
     return f"node {node.name or '<unnamed>'!r} ({node.op_type})"
 
 
@@ -260,7 +264,7 @@ class _Finder:
             for node, idx, _v in key_reads:
                 if node.op_type in _FUSED_MS and node.domain == "com.microsoft":
                     raise UnsupportedGraphError(
-                        f"{_where(node)} is com.microsoft.{node.op_type}, a fused attention that keeps its "
+                        f"{describe_node(node)} is com.microsoft.{node.op_type}, a fused attention that keeps its "
                         "own cache; the retained-state rewrite needs an export without ORT fusions")
                 if node.op_type == "Attention" and node.domain in ("", "ai.onnx") and idx in (1, 4):
                     if not any(s.scores is node for s in sites):
@@ -273,7 +277,7 @@ class _Finder:
                     continue
                 else:
                     raise UnsupportedGraphError(
-                        f"{_where(node)} reads the key cache of layer {layer.index} (input {idx}) in a way the "
+                        f"{describe_node(node)} reads the key cache of layer {layer.index} (input {idx}) in a way the "
                         "attention analysis does not understand (expected MatMul(Q, Kᵀ) or an Attention op)")
             if not found:
                 raise UnsupportedGraphError(
@@ -287,16 +291,16 @@ class _Finder:
         for _ in range(64):
             users = _consumers(value)
             if len(users) != 1:
-                names = ", ".join(_where(n) for n, _ in users) or "nothing"
+                names = ", ".join(describe_node(n) for n, _ in users) or "nothing"
                 raise UnsupportedGraphError(
-                    f"the scores of layer {layer} ({value.name!r}, from {_where(matmul)}) are read by "
+                    f"the scores of layer {layer} ({value.name!r}, from {describe_node(matmul)}) are read by "
                     f"{len(users)} nodes ({names}); expected one path to a Softmax")
             node, idx = users[0]
             op = node.op_type
             other = node.inputs[1 - idx] if len(node.inputs) == 2 else None
             if op in ("Mul", "Div") and is_shape_scalar(other):
                 if op == "Div" and idx == 1:
-                    raise UnsupportedGraphError(f"{_where(node)} divides by the scores of layer {layer}")
+                    raise UnsupportedGraphError(f"{describe_node(node)} divides by the scores of layer {layer}")
                 s = scalar_value(other)
                 if s is None or site.scale is None:
                     site.scale = None  # computed from shapes
@@ -308,7 +312,7 @@ class _Finder:
                 fill = node.inputs[3 - idx]
                 if not is_fill(fill):
                     raise UnsupportedGraphError(
-                        f"{_where(node)} on the scores of layer {layer} selects {fill.name!r}, which is not "
+                        f"{describe_node(node)} on the scores of layer {layer} selects {fill.name!r}, which is not "
                         f"a mask fill (a constant <= {MASK_FILL_MAX:g})")
                 site.mask_wheres.append(node)
             elif op == "Tanh":
@@ -318,7 +322,7 @@ class _Finder:
             elif op in ("Reshape", "Transpose") and idx == 0:
                 if not self.keeps_key_axis(node):
                     raise UnsupportedGraphError(
-                        f"{_where(node)} reshapes the attention scores of layer {layer} and its shapes do not "
+                        f"{describe_node(node)} reshapes the attention scores of layer {layer} and its shapes do not "
                         "show that the key axis stays last")
             elif op == "Softmax":
                 dims = self.dims(value)
@@ -326,50 +330,50 @@ class _Finder:
                 axis = node.attributes.get_int("axis", -1)
                 if axis != -1 and (rank is None or axis != rank - 1):
                     raise UnsupportedGraphError(
-                        f"{_where(node)} of layer {layer} normalizes over axis {axis}, not the key axis")
+                        f"{describe_node(node)} of layer {layer} normalizes over axis {axis}, not the key axis")
                 if rank != 4:
                     raise UnsupportedGraphError(
-                        f"{_where(node)} of layer {layer} normalizes scores of rank {rank}; the position mask "
+                        f"{describe_node(node)} of layer {layer} normalizes scores of rank {rank}; the position mask "
                         "needs them as [batch, heads, seq, keys]")
                 site.chain.append(node)
                 site.softmax = node
-                site.pv = self.pv(node, layer, value_carried)
+                site.pv = self.pv(node, layer, value_carried, site.probs)
                 return site
             else:
                 raise UnsupportedGraphError(
-                    f"{_where(node)} on the attention scores of layer {layer} is not understood by the "
+                    f"{describe_node(node)} on the attention scores of layer {layer} is not understood by the "
                     "attention analysis (expected scaling, Add, Where, Tanh, Cast, then Softmax)")
             site.chain.append(node)
             value = node.outputs[0]
-        raise UnsupportedGraphError(f"the scores of {_where(matmul)} never reach a Softmax")
+        raise UnsupportedGraphError(f"the scores of {describe_node(matmul)} never reach a Softmax")
 
-    def pv(self, softmax: ir.Node, layer: int, value_carried: set) -> ir.Node:
+    def pv(self, softmax: ir.Node, layer: int, value_carried: set, path: list[ir.Node]) -> ir.Node:
+        """The ``MatMul(P, V)`` after ``softmax``; the nodes between are appended to ``path``."""
         value = softmax.outputs[0]
         for _ in range(8):
             # IsNaN/IsInf only feed a guard Where(IsNaN(p), 0, p), checked below
             users = [(n, i) for n, i in _consumers(value) if n.op_type not in ("IsNaN", "IsInf")]
             if len(users) != 1:
                 raise UnsupportedGraphError(
-                    f"the attention probabilities of layer {layer} ({_where(softmax)}) are read by "
+                    f"the attention probabilities of layer {layer} ({describe_node(softmax)}) are read by "
                     f"{len(users)} nodes; expected one MatMul with the value cache")
             node, idx = users[0]
             if node.op_type == "MatMul" and idx == 0:
                 if node.inputs[1] not in value_carried:
                     raise UnsupportedGraphError(
-                        f"{_where(node)} multiplies the probabilities of layer {layer} with "
+                        f"{describe_node(node)} multiplies the probabilities of layer {layer} with "
                         f"{node.inputs[1].name!r}, which is not read from that layer's value cache")
                 return node
             if node.op_type in ("Cast", "Identity", "Dropout") or \
-                    node.op_type in ("Reshape", "Transpose") and idx == 0 and self.keeps_key_axis(node):
+                    node.op_type in ("Reshape", "Transpose") and idx == 0 and self.keeps_key_axis(node) or \
+                    node.op_type == "Where" and idx in (1, 2) and _is_zero(node.inputs[3 - idx]):  # NaN guard
+                path.append(node)
                 value = node.outputs[0]
                 continue
-            if node.op_type == "Where" and idx in (1, 2) and _is_zero(node.inputs[3 - idx]):
-                value = node.outputs[0]  # a NaN guard: Where(IsNaN(p), 0, p)
-                continue
             raise UnsupportedGraphError(
-                f"{_where(node)} after the Softmax of layer {layer} is not understood (expected "
+                f"{describe_node(node)} after the Softmax of layer {layer} is not understood (expected "
                 "MatMul with the value cache)")
-        raise UnsupportedGraphError(f"{_where(softmax)}: no MatMul with the value cache follows")
+        raise UnsupportedGraphError(f"{describe_node(softmax)}: no MatMul with the value cache follows")
 
     def attention_op(self, node: ir.Node, layer: int) -> AttentionSite:
         site = AttentionSite(layer=layer, kind="attention-op", scores=node)
@@ -438,7 +442,7 @@ class _Finder:
             if node.op_type in _COMPARE or is_fill(v):
                 raise UnsupportedGraphError(
                     f"the term {value.name!r} added to the scores of layer {layer} is computed with "
-                    f"{_where(node)}, like a mask, but not in a form the analysis understands "
+                    f"{describe_node(node)}, like a mask, but not in a form the analysis understands "
                     "(Where(c, 0, fill) or (1 - m) * fill); refusing rather than guessing")
             queue.extend(node.inputs)
         return Leaf(value, "bias", f"computed by {value.producer().op_type}", use)

@@ -60,6 +60,7 @@ from qeff_graph.ir.analysis import KVCache, ModelIO, find_io, find_kv_cache
 from qeff_graph.ir.attention import (
     MASK_FILL_MAX,
     AttentionSite,
+    describe_node,
     find_attention_sites,
     is_fill,
 )
@@ -94,12 +95,6 @@ class _Part:
 
     value: ir.Value
     kind: str
-
-
-def _where(node: ir.Node | None) -> str:
-    if node is None:
-        return "a graph input"
-    return f"node {node.name or '<unnamed>'!r} ({node.op_type})"
 
 
 def _is_boolean(value: ir.Value) -> bool:
@@ -233,7 +228,7 @@ class _Probe:
             attr = node.attributes.get("value") if node.op_type == "Constant" else None
             if attr is not None and attr.type == ir.AttributeType.TENSOR and _nbytes(attr.value) > max_bytes:
                 raise UnsupportedGraphError(
-                    f"the attention mask reads the constant of {_where(node)} ({_nbytes(attr.value) >> 20} MiB); "
+                    f"the attention mask reads the constant of {describe_node(node)} ({_nbytes(attr.value) >> 20} MiB); "
                     "the mask probe copies no weights, so it cannot read the sliding windows off this graph")
         protos = []
         for node in self.order:
@@ -273,7 +268,7 @@ class _Probe:
                 n.op_type == "Gather" and n.domain in ("", "ai.onnx") and i == 0 and n.attributes.get_int("axis", 0) == 0
                 for n, i in uses)
             if not gathered:
-                by = f", by {_where(uses[0][0])}" if uses else ""
+                by = f", by {describe_node(uses[0][0])}" if uses else ""
                 raise UnsupportedGraphError(
                     f"the attention mask reads the weight {v.name!r} ({size >> 20} MiB{by}); "
                     "the mask probe copies no weights, so it cannot read the sliding windows off this graph")
@@ -391,7 +386,7 @@ def _visible(array: np.ndarray, kind: str, queries: int, length: int, what: str)
 def _attention_op(node: ir.Node, queries: int, length: int) -> np.ndarray:
     """What an ONNX Attention op masks by itself (is_causal, left/right windows), as visible[q, k]."""
     if len(node.inputs) > 6 and node.inputs[6] is not None:
-        raise UnsupportedGraphError(f"{_where(node)} takes nonpad_kv_seqlen; the mask probe does not model it")
+        raise UnsupportedGraphError(f"{describe_node(node)} takes nonpad_kv_seqlen; the mask probe does not model it")
     has_past = len(node.inputs) > 4 and node.inputs[4] is not None
     offset = length - queries if has_past else 0  # ONNX: bottom-right with a past cache, else top-left
     q = np.arange(queries)[:, None] + offset
@@ -411,7 +406,7 @@ def _attention_op(node: ir.Node, queries: int, length: int) -> np.ndarray:
 def _classify(visible: np.ndarray, layer: int, node: ir.Node) -> int | None:
     """None for causal attention over all ``L`` keys, ``W`` for a sliding window; refuses the rest."""
     queries, length = visible.shape
-    where = f"the attention mask of layer {layer} ({_where(node)})"
+    where = f"the attention mask of layer {layer} ({describe_node(node)})"
     window = None
     unbounded: list[int] = []  # positions of the queries that see key 0
     for i in range(queries):

@@ -37,7 +37,13 @@ import onnx_ir as ir
 
 from qeff_graph.errors import UnsupportedGraphError
 from qeff_graph.ir.analysis import KVCache, ModelIO
-from qeff_graph.ir.attention import AttentionSite, infer_symbolic_shapes, is_fill, scalar_value
+from qeff_graph.ir.attention import (
+    AttentionSite,
+    describe_node,
+    infer_symbolic_shapes,
+    is_fill,
+    scalar_value,
+)
 from qeff_graph.ir.build import is_qeff_node
 
 __all__ = ["PositionReads", "find_internal_positions", "is_cache_length"]
@@ -230,7 +236,7 @@ def _positions_read(node: ir.Node, live: set[int], skipped: set, per_row: set[in
         refuse("it does not count seq_len positions")
     if layout is None or node.op_type == "CumSum" and not (offset and sliced) or value.is_graph_output():
         user = next((u for u, i in found if step(state, u, i) is None), found[0][0] if found else None)
-        refuse(f"its positions are read by {_node(user)} before they are shaped as "
+        refuse(f"its positions are read by {describe_node(user, 'the graph outputs')} before they are shaped as "
                + ("[1 or batch, seq_len]" if node.op_type == "Range" else "(cumsum - 1)[:, -seq_len:]"))
     if not batched:  # [1, seq_len, ...] becomes [batch, seq_len, ...]
         _batch_of_one(value, 2 + len(layout), reads, live, per_row, rank, sym, refuse)
@@ -271,7 +277,7 @@ def _batch_of_one(value: ir.Value, value_rank: int, reads, live: set[int], per_r
                            and _reads_batch(u.node, r, sym)), None)
         if v is not value and shape_read is not None:
             refuse(f"the batch of what the model computes from its [1, seq_len] positions is read by "
-                   f"{_node(shape_read)}")
+                   f"{describe_node(shape_read, 'the graph outputs')}")
         for user, index in reads(v):
             op, others = user.op_type, [x for i, x in enumerate(user.inputs) if i != index and x is not None]
             ranks = [rank(x) for x in others]
@@ -280,7 +286,7 @@ def _batch_of_one(value: ir.Value, value_rank: int, reads, live: set[int], per_r
             nxt = None
             if op in _ELEMENTWISE or op == "MatMul" and r >= 3:  # MatMul: batched over the leading axes
                 if None in ranks:
-                    refuse(f"its [1, seq_len] positions reach {_node(user)}, whose other operands' ranks are unknown")
+                    refuse(f"its [1, seq_len] positions reach {describe_node(user, 'the graph outputs')}, whose other operands' ranks are unknown")
                 if max(ranks, default=0) <= r and (op != "MatMul" or min(ranks) >= 3):
                     if any(id(x) in per_row and rank(x) == r for x in others):
                         continue  # meets per-row data: the output's batch is the data's
@@ -305,7 +311,7 @@ def _batch_of_one(value: ir.Value, value_rank: int, reads, live: set[int], per_r
                     and not user.attributes.get_int("allowzero", 0):  # axis 0 copied: the batch stays
                 nxt = len(shape)
             if nxt is None:
-                refuse(f"its [1, seq_len] positions reach {_node(user)}, which may not broadcast them over the batch")
+                refuse(f"its [1, seq_len] positions reach {describe_node(user, 'the graph outputs')}, which may not broadcast them over the batch")
             stack.extend((o, nxt) for o in user.outputs if o is not None)
 
 
@@ -325,10 +331,6 @@ def _rank(value: ir.Value | None) -> int | None:
         return len(value.shape)
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else len(tensor.shape)
-
-
-def _node(node: ir.Node | None) -> str:
-    return "the graph outputs" if node is None else f"node {node.name or '<unnamed>'!r} ({node.op_type})"
 
 
 def _one(forms: list | None) -> tuple | None:

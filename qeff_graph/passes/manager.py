@@ -80,8 +80,8 @@ def check_onnx(model: onnx.ModelProto | str | os.PathLike, *, shapes: bool = Fal
     ``model.onnx`` (its external data is not read), with the ONNX Runtime kernels that ORT
     registers in the ONNX domain (:data:`ORT_ONNX_DOMAIN_OPS`) checked as the contrib ops they
     are: an ORT-lowered program is valid ONNX for ONNX Runtime, not for other runtimes."""
-    checked = onnx.ModelProto()
     if isinstance(model, onnx.ModelProto):
+        checked = onnx.ModelProto()
         checked.CopyFrom(model)
     else:  # the graph only: weights become typed inputs (their bytes are not read)
         checked = onnx.load(os.fspath(model), load_external_data=False)

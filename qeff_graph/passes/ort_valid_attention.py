@@ -17,13 +17,15 @@ result is the same; only the work goes. Together with the runtime's in-place cac
 (:mod:`qeff_graph.backends.ort.inplace`) nothing per step is O(ctx_len) but the mask compare.
 
 Shapes on the cache read paths must follow the sliced cache. Exporters often build the
-grouped-query ``Expand``/``Reshape`` targets as ``Concat`` of single dims, one of them the cache
-length (``past + seq``, i.e. ``ctx_len`` in a program): that dim becomes ``-1`` in a Reshape (the
-one dim left to infer: the sliced length) and ``1`` in an Expand whose input carries the length
-on that axis (broadcasting keeps the input's length). A target that depends on the cache length
-any other way, or a ``Reshape`` on the scores or the probabilities (its target might hold the
-length), keeps the layer in the portable form — exact, just not faster — and the pass reports
-it in its stats and the log, naming the node.
+grouped-query ``Expand``/``Reshape`` targets (and Bloom its score views) as ``Concat`` of single
+dims, one of them the cache length (``past + seq``, i.e. ``ctx_len`` in a program): that dim
+becomes the valid length ``T`` where its symbolic form provably is the cache length, else ``-1``
+in a Reshape (the one dim left to infer: the sliced length) or ``1`` in an Expand whose input
+carries the length on that axis (broadcasting keeps the input's length). A target that depends
+on the cache length any other way keeps the layer in the portable form — exact, just not
+faster — and the pass reports it in its stats and the log, naming the node. A shape read of a
+value whose symbolic dims are all ints or token-input symbols does not count as depending on
+the cache length.
 """
 
 from __future__ import annotations
@@ -90,18 +92,17 @@ class OrtValidAttention(ir.passes.InPlacePass):
         io = find_io(model, kv)
         self.inplace_before = inplace_cache_inputs(model) == {v.name for v in kv.past_inputs}
         sites = find_attention_sites(model, kv)
-        finder = _Finder(model, kv)
-        pasts = set(kv.past_inputs)
+        lengths = _Lengths(_Finder(model, kv), kv, io)
         self.lowered: set[int] = set()
         kept: dict[int, str] = {}
         plans: dict[int, list] = {}
         for layer in kv.layers:
             why, retargets, carried = None, [], set()
             for entry in (layer.key, layer.value):
-                fixes, blocked, flow = _path_plan(finder, entry, pasts, io)
+                fixes, blocked, flow = lengths.path_plan(entry)
                 why, retargets, carried = why or blocked, retargets + fixes, carried | flow
             for site in (s for s in sites if s.layer == layer.index):
-                fixes, blocked = _site_plan(finder, site, carried, pasts, io)
+                fixes, blocked = _site_plan(lengths, site, carried)
                 why, retargets = why or blocked, retargets + fixes
             if why:
                 kept[layer.index] = why
@@ -153,27 +154,19 @@ def _is_valid_slice(node: ir.Node) -> bool:
         and node.inputs[2] is not None and node.inputs[2].name == VALID_LENGTH
 
 
-def _site_plan(finder: _Finder, site: AttentionSite, carried: set[ir.Value],
-               pasts: set[ir.Value], io) -> tuple[list, str | None]:
+def _site_plan(ctx: _Lengths, site: AttentionSite, carried: set[ir.Value]) -> tuple[list, str | None]:
     """``(retargets, why)`` for the Reshapes on ``site``'s scores and probabilities (Bloom's
     ``[B*H, S, L]`` ↔ ``[B, H, S, L]`` views): a target that follows the cache length is retargeted
     like those on the cache paths, or the layer stays whole (``why``)."""
     if site.kind != "decomposed":
         return [], None  # an Attention op takes K, V and its mask as they come
-    nodes = list(site.chain)
-    value = site.softmax.outputs[0]
-    while True:  # the probabilities' path to P·V (Cast, Transpose, a NaN guard, ...)
-        users = [u.node for u in value.uses() if u.node.op_type not in ("IsNaN", "IsInf")]
-        if len(users) != 1 or users[0] is site.pv:
-            break
-        nodes.append(users[0])
-        value = users[0].outputs[0]
+    nodes = [*site.chain, *site.probs]
     flow = carried | {site.scores.outputs[0]} | {n.outputs[0] for n in nodes}  # all carry the sliced keys
     retargets = []
     for node in nodes:
-        if node.op_type != "Reshape" or not _reads_cache_length(finder, node.inputs[1], flow, pasts):
+        if node.op_type != "Reshape" or not ctx.reads_length(node.inputs[1], flow):
             continue
-        piece, why = _length_piece(finder, node, node.inputs[1], flow, pasts, io)
+        piece, why = ctx.length_piece(node, node.inputs[1], flow)
         if why:
             return [], f"{node.name} reshapes the scores with a target from the cache length: {why}"
         retargets.append((node, 1, piece))
@@ -196,61 +189,82 @@ def _side_operands(site: AttentionSite) -> list[tuple[ir.Node, int]]:
     return found
 
 
-def _path_plan(finder: _Finder, entry, pasts: set[ir.Value], io) -> tuple[list, str | None, set[ir.Value]]:
-    """``(retargets, why, carried)`` for the read paths of ``entry``'s cache (``carried``: the values
-    on them): the shape pieces to replace so
-    that every layout op follows a sliced cache, or why one cannot (then ``retargets`` is moot).
+class _Lengths:
+    """What decides whether a shape follows the cache length, derived once per pass run."""
 
-    A ``Reshape``/``Expand`` target that exporters compute as ``Concat(pieces)`` with one piece
-    from the cache length (``past + seq``) is retargeted: that piece becomes ``-1`` in a Reshape
-    (the only dim left to infer, so it is the sliced length) and ``1`` in an Expand whose input
-    carries the length at that axis (broadcasting keeps the input's sliced length)."""
-    _, carried = finder.cache_reads(entry)
-    carried.discard(entry.past)
-    retargets = []
-    for value in carried:
-        for use in value.uses():
-            node = use.node
-            shape_input = _SHAPE_INPUTS.get(node.op_type)
-            if shape_input is None or use.idx == shape_input or len(node.inputs) <= shape_input:
-                continue
-            target = node.inputs[shape_input]
-            if not _reads_cache_length(finder, target, carried, pasts):
-                continue
-            piece, why = _length_piece(finder, node, target, carried, pasts, io)
-            if why:
-                return [], f"{node.name} ({node.op_type}) takes its target shape from the cache length: {why}", carried
-            retargets.append((node, shape_input, piece))
-    return retargets, None, carried
+    def __init__(self, finder: _Finder, kv, io):
+        self.finder, self.io = finder, io
+        self.pasts = set(kv.past_inputs)
+        self.length = {str(p.shape[2]) for p in self.pasts if p.shape is not None and p.shape.rank() == 4}
+        # dims known not to be the cache length: ints, and the symbols of the token inputs
+        self.others = {str(d) for v in finder.model.graph.inputs if v not in self.pasts and v.shape is not None
+                       for d in v.shape.dims if not isinstance(d, int)} - self.length
 
+    def path_plan(self, entry) -> tuple[list, str | None, set[ir.Value]]:
+        """``(retargets, why, carried)`` for the read paths of ``entry``'s cache (``carried``: the
+        values on them): the shape pieces to replace so that every layout op follows a sliced
+        cache, or why one cannot (then ``retargets`` is moot)."""
+        _, carried = self.finder.cache_reads(entry)
+        carried.discard(entry.past)
+        retargets = []
+        for value in carried:
+            for use in value.uses():
+                node = use.node
+                shape_input = _SHAPE_INPUTS.get(node.op_type)
+                if shape_input is None or use.idx == shape_input or len(node.inputs) <= shape_input:
+                    continue
+                target = node.inputs[shape_input]
+                if not self.reads_length(target, carried):
+                    continue
+                piece, why = self.length_piece(node, target, carried)
+                if why:
+                    return [], f"{node.name} ({node.op_type}) takes its target shape from the cache length: {why}", \
+                        carried
+                retargets.append((node, shape_input, piece))
+        return retargets, None, carried
 
-def _length_piece(finder: _Finder, node: ir.Node, target: ir.Value, carried, pasts,
-                  io) -> tuple[tuple[int, str] | None, str | None]:
-    """``(index, how)`` of the one ``Concat`` piece of ``target`` computed from the cache length:
-    ``"length"`` when it provably is that length (it becomes the valid length), else ``"infer"``
-    (-1 in a Reshape) or ``"broadcast"`` (1 in an Expand)."""
-    concat = target.producer()
-    if node.op_type == "Tile" or concat is None or concat.op_type != "Concat" \
-            or concat.attributes.get_int("axis", 0) != 0:
-        return None, "not a Concat of dims"
-    pieces = list(concat.inputs)
-    if any(finder.dims(p) != [1] for p in pieces):
-        return None, "its pieces are not single dims"
-    hits = [i for i, p in enumerate(pieces) if _reads_cache_length(finder, p, carried, pasts)]
-    if len(hits) != 1:
-        return None, f"{len(hits)} of its dims follow the cache length"
-    index = hits[0]
-    if is_cache_length(pieces[index], io, pasts):
-        return (index, "length"), None
-    if node.op_type == "Reshape":
-        if any(_constant(p) is not None and _constant(p) < 0 for p in pieces):
-            return None, "it already infers a dim (-1)"
-        return (index, "infer"), None
-    dims = finder.dims(node.inputs[0])  # Expand: the input must carry the length at that axis
-    at = index - len(pieces) + len(dims) if dims is not None else -1
-    if dims is None or at < 0 or dims[at] is None or dims[at] == 1:
-        return None, "its input's dim at that axis is not known to be the cache length"
-    return (index, "broadcast"), None
+    def length_piece(self, node: ir.Node, target: ir.Value, carried) -> tuple[tuple[int, str] | None, str | None]:
+        """``(index, how)`` of the one ``Concat`` piece of ``target`` computed from the cache
+        length: ``"length"`` when it provably is that length (it becomes the valid length), else
+        ``"infer"`` (-1 in a Reshape) or ``"broadcast"`` (1 in an Expand whose input carries the
+        length on that axis)."""
+        concat = target.producer()
+        if node.op_type == "Tile" or concat is None or concat.op_type != "Concat" \
+                or concat.attributes.get_int("axis", 0) != 0:
+            return None, "not a Concat of dims"
+        pieces = list(concat.inputs)
+        if any(self.finder.dims(p) != [1] for p in pieces):
+            return None, "its pieces are not single dims"
+        hits = [i for i, p in enumerate(pieces) if self.reads_length(p, carried)]
+        if len(hits) != 1:
+            return None, f"{len(hits)} of its dims follow the cache length"
+        index = hits[0]
+        if is_cache_length(pieces[index], self.io, self.pasts):
+            return (index, "length"), None
+        if node.op_type == "Reshape":
+            if any(_constant(p) is not None and _constant(p) < 0 for p in pieces):
+                return None, "it already infers a dim (-1)"
+            return (index, "infer"), None
+        dims = self.finder.dims(node.inputs[0])  # Expand: the input must carry the length at that axis
+        at = index - len(pieces) + len(dims) if dims is not None else -1
+        if dims is None or at < 0 or dims[at] is None or dims[at] == 1:
+            return None, "its input's dim at that axis is not known to be the cache length"
+        return (index, "broadcast"), None
+
+    def reads_length(self, value: ir.Value, carried: set[ir.Value]) -> bool:
+        """True if ``value`` may be computed from the cache length: from a cache input (its shape
+        included), other than through the shape of a value on the (sliced) read path or of a
+        value whose shape (symbolic shape inference) provably does not involve the cache length."""
+
+        def settled(node: ir.Node) -> bool:
+            if node.op_type not in ("Shape", "Size"):
+                return False
+            if node.inputs[0] in carried:
+                return True
+            dims = self.finder.dims(node.inputs[0])
+            return dims is not None and all(isinstance(d, int) or str(d) in self.others for d in dims)
+
+        return depends_on(value, self.pasts, through_shapes=True, stop=settled)
 
 
 def _constant(value: ir.Value) -> int | None:
@@ -258,23 +272,3 @@ def _constant(value: ir.Value) -> int | None:
     if tensor is None or tensor.size != 1:
         return None
     return int(tensor.numpy().reshape(-1)[0])
-
-
-def _reads_cache_length(finder: _Finder, value: ir.Value, carried: set[ir.Value], pasts: set[ir.Value]) -> bool:
-    """True if ``value`` may be computed from the cache length: from a cache input (its shape
-    included), other than through the shape of a value on the (sliced) read path or of a value
-    whose shape (symbolic shape inference) provably does not involve the cache length."""
-    length = {str(p.shape[2]) for p in pasts if p.shape is not None and p.shape.rank() == 4}
-    # dims known not to be the cache length: ints, and the symbols of the token inputs
-    others = {str(d) for v in finder.model.graph.inputs if v not in pasts and v.shape is not None
-              for d in v.shape.dims if not isinstance(d, int)} - length
-
-    def settled(node: ir.Node) -> bool:
-        if node.op_type not in ("Shape", "Size"):
-            return False
-        if node.inputs[0] in carried:
-            return True
-        dims = finder.dims(node.inputs[0])
-        return dims is not None and all(isinstance(d, int) or str(d) in others for d in dims)
-
-    return depends_on(value, pasts, through_shapes=True, stop=settled)

@@ -48,8 +48,8 @@ GRAPH_FIELDS = ("kind", "kv_dtype", "weight_bits", "passes", "sliding_window", "
 # their manifests lack the field); 2 = development builds of issue 11 (never reused)
 WEIGHT_SCHEME = 3
 # programs on ort are lowered to ONNX Runtime's kernels (encoders: the ort-fuse-encoder pass; causal
-# LMs: ort-valid-attention); this version is part of their cache key. 0: the portable graph (qaic,
-# --ort-lowering 0, and manifests built before the lowering, which lack the field)
+# LMs: ort-valid-attention); this version is part of their cache key. 0: the portable graph
+# (ort_lowering=0, and manifests built before the lowering, which lack the field; qaic: None)
 ORT_LOWERING = 1
 # causal-LM options an encoder program must leave at their defaults
 _CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "weight_bits", "mxint8",

@@ -80,11 +80,12 @@ class RetainedStateSession:
         self.io_writer = IOFileWriter(write_io_dir) if write_io_dir else None
         self.io_binding = io_binding
         self.inplace = inplace_cache_inputs_of(path) if io_binding else set()
+        self._buffers: list[np.ndarray] = []  # the memory of the bound OrtValues (io_binding)
         self.reset()
 
     def reset(self) -> None:
         """Zero the KV cache (bound buffers are zeroed where they are, not allocated again)."""
-        if self.io_binding and getattr(self, "_buffers", None):
+        if self._buffers:
             for array in self._buffers:  # the OrtValues wrap these arrays' memory
                 array.fill(0)
             return
