@@ -19,7 +19,7 @@ __all__ = ["HelpFormatter", "add", "add_compression_options", "add_program_optio
 # argparse dests that are ProgramSpec fields
 SPEC_ARGS = ("ctx_len", "prompt_len", "batch_size", "full_batch_size", "kv_dtype", "weight_bits", "passes",
              "backend", "num_cores", "mxfp6", "mxint8", "mos", "aic_enable_depth_first", "device_group",
-             "aic_hw_version", "num_speculative_tokens")
+             "aic_hw_version", "num_speculative_tokens", "ort_lowering")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -77,6 +77,10 @@ def add_program_options(parser: argparse.ArgumentParser, *, inherit: str = "") -
         help="speculative decoding: add a verify specialization of K+1 tokens that returns the logits of "
         "every position (K+1 <= --prompt-len); a run then drafts K tokens per step (--draft) and keeps "
         f"what greedy decoding would give (default: none{more})")
+    add(parser, "--ort-lowering", type=int, choices=[0, 1, 2], default=None,
+        help="ort: how far the program is lowered to ONNX Runtime's kernels: 2 GroupQueryAttention where the "
+        "ort-gqa pass proves every layer, else attention over the valid cache length; 1 the valid-length "
+        f"attention only; 0 the portable graph (what qaic gets) {d('ort_lowering')}")
 
 
 def add_compression_options(parser: argparse.ArgumentParser) -> None:

@@ -211,6 +211,11 @@ def _writer_of(present: ir.Value, inputs: set[ir.Value]):
         past = _skip_back(node.inputs[0])
         if past in inputs:
             return node, past, node.inputs[2]
+    if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" and \
+            (node.name or "").startswith("qeff/"):  # the ort-gqa lowering of a retained program
+        out_index = list(node.outputs).index(value)
+        if out_index in (1, 2) and node.inputs[2 + out_index] in inputs:
+            return node, node.inputs[2 + out_index], node.inputs[out_index]
     if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
         out_index = list(node.outputs).index(value)
         if out_index in (1, 2) and len(node.inputs) > 3 + out_index:
@@ -231,7 +236,10 @@ def find_kv_cache(model: ir.Model) -> KVCache:
             continue
         writer, past, new = hit
         entry = KVEntry(past=past, present=out, writer=writer, new=new)
-        role = _structural_role(past if writer.op_type == "Attention" else _skip_back(out))
+        if writer.op_type == "GroupQueryAttention":
+            role = "key" if out is writer.outputs[1] else "value"
+        else:
+            role = _structural_role(past if writer.op_type == "Attention" else _skip_back(out))
         found.append((entry, role or _name_role(past.name) or _name_role(out.name)))
     if not found:
         raise UnsupportedGraphError(
@@ -257,7 +265,7 @@ def find_kv_cache(model: ir.Model) -> KVCache:
     layers = [KVLayer(i, k, v) for i, (k, v) in enumerate(zip(keys, values))]
     past0 = layers[0].key.past
     dims = list(past0.shape.dims) if past0.shape is not None else [None] * 4
-    retained = layers[0].key.writer.op_type == "ScatterND"
+    retained = layers[0].key.writer.op_type in ("ScatterND", "GroupQueryAttention")
     return KVCache(
         layers=layers,
         retained=retained,

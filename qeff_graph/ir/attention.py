@@ -177,8 +177,10 @@ def is_shape_scalar(value: ir.Value | None, limit: int = 64) -> bool:
         if len(seen) > limit:
             return False
         node = v.producer()
-        if node is None:
-            return v.const_value is not None and v.const_value.size <= 16
+        if node is None:  # every leaf must be a small constant (a graph input or a weight is data)
+            if v.const_value is not None and v.const_value.size <= 16:
+                continue
+            return False
         if node.op_type in _SHAPE_READS or node.op_type == "Constant":
             continue
         queue.extend(node.inputs)

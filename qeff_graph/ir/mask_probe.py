@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from collections import deque
 from collections.abc import Mapping, Sequence
 
@@ -65,7 +66,7 @@ from qeff_graph.ir.attention import (
     is_fill,
 )
 
-__all__ = ["MAX_CONSTANT_BYTES", "PROBE_LENGTHS", "PROBE_QUERIES", "probe_mask_windows", "reconcile_windows"]
+__all__ = ["ConeProbe", "MAX_CONSTANT_BYTES", "PROBE_LENGTHS", "PROBE_QUERIES", "probe_mask_windows", "reconcile_windows"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +165,15 @@ def _inner_reads(node: ir.Node):
                 yield from (v for v in n.inputs if v is not None and v not in inner)
 
 
-class _Probe:
-    """The mask cone of every site as a small ONNX model, and an ORT session over it."""
+class ConeProbe:
+    """The cone of ``values`` (every node they are computed from, back to graph inputs, constants
+    and the ``cuts``) as a small ONNX model, and an ORT session over it. Used for the mask of
+    every site (:func:`probe_mask_windows`) and by lowering passes that check a rewrite against
+    the graph it came from (``cuts`` are fed like inputs, :meth:`run_arrays`)."""
 
     def __init__(self, model: ir.Model, kv: KVCache, io: ModelIO, values: list[ir.Value], max_bytes: int,
-                 retained_view: bool = False):
+                 retained_view: bool = False, cuts: Sequence[ir.Value] = (),
+                 cut_dtypes: Mapping[ir.Value, ir.DataType] | None = None, external_random: bool = False):
         import onnx
 
         self.kv = kv
@@ -182,6 +187,7 @@ class _Probe:
         nodes: dict[ir.Node, None] = {}
         leaves: dict[ir.Value, None] = {}  # graph inputs and constants the cone reads
         seen: set[ir.Value] = set()
+        cut = set(cuts)
         queue = deque(values)
         while queue:
             v = queue.popleft()
@@ -190,7 +196,7 @@ class _Probe:
                 continue
             seen.add(v)
             node = v.producer()
-            if node is None:
+            if node is None or v in cut:
                 leaves[v] = None
                 continue
             if node not in nodes:
@@ -215,7 +221,7 @@ class _Probe:
         self.inputs: list[ir.Value] = []
         initializers = []
         for v in leaves:
-            if v in graph_inputs:
+            if v in graph_inputs or v in cut:
                 self.inputs.append(v)
                 continue
             tensor = v.const_value
@@ -223,7 +229,7 @@ class _Probe:
                 raise UnsupportedGraphError(
                     f"the attention mask reads {v.name!r}, which is neither a graph input nor a constant; "
                     "cannot run the mask to read its sliding windows")
-            initializers.append(self._constant(v, tensor, nodes, name(v), max_bytes))
+            initializers.append(self._constant(v, tensor, nodes, name(v), max_bytes, external_random))
         for node in self.order:  # a Constant node holding a weight
             attr = node.attributes.get("value") if node.op_type == "Constant" else None
             if attr is not None and attr.type == ir.AttributeType.TENSOR and _nbytes(attr.value) > max_bytes:
@@ -244,8 +250,9 @@ class _Probe:
             protos.append(onnx.helper.make_node("Cast", [name(v)], [out], to=onnx.TensorProto.FLOAT))
             self.outputs.append(out)
         self.input_names = [name(v) for v in self.inputs]
+        types = {v: (cut_dtypes or {}).get(v, v.dtype) for v in self.inputs}  # the graph is not annotated
         inputs = [onnx.helper.make_tensor_value_info(
-            name(v), int(v.dtype) if v.dtype is not None else onnx.TensorProto.INT64,
+            name(v), int(types[v]) if types[v] is not None else onnx.TensorProto.INT64,
             [None] * len(v.shape) if v.shape is not None else None) for v in self.inputs]
         outputs = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in self.outputs]
         g = onnx.helper.make_graph(protos, "qeff_mask_probe", inputs, outputs, initializers)
@@ -256,11 +263,17 @@ class _Probe:
         self.proto = proto
         self.session = self._session(proto)
 
-    def _constant(self, v: ir.Value, tensor, nodes, name: str, max_bytes: int):
+    def _constant(self, v: ir.Value, tensor, nodes, name: str, max_bytes: int, external_random: bool = False):
         from qeff_graph.ir.io import read_tensor
 
         size = _nbytes(tensor)
         dtype = tensor.dtype
+        if external_random and isinstance(tensor, ir.ExternalTensor) and dtype.is_floating_point():
+            # a check that compares two computations fed the same values reads no weight file:
+            # random values of the constant's shape (e.g. a rotary's inv_freq) serve it as well
+            rng = np.random.default_rng(zlib.crc32(name.encode()))
+            array = rng.standard_normal(tuple(tensor.shape.numpy())).astype(dtype.numpy())
+            return ir.serde.serialize_tensor(ir.Tensor(array, dtype=dtype, name=name))
         if size > max_bytes:
             uses = [(u.node, u.idx) for u in v.uses() if u.node in nodes]
             rows = tensor.shape.numpy()
@@ -318,6 +331,14 @@ class _Probe:
                     "sliding windows off this graph")
             feeds[input_name] = array
         return feeds
+
+    def run_arrays(self, arrays: Mapping[ir.Value, np.ndarray]) -> list[np.ndarray]:
+        """Run the cone on ``arrays`` (one per input or cut it reads); its values as float32."""
+        missing = [v.name for v in self.inputs if v not in arrays]
+        if missing:
+            raise UnsupportedGraphError(f"the probe reads {missing[0]!r}, which it was not given")
+        feeds = {n: arrays[v] for v, n in zip(self.inputs, self.input_names)}
+        return self.session.run(self.outputs, feeds)
 
     def run(self, length: int, queries: int, cache: int) -> list[np.ndarray]:
         try:
@@ -465,11 +486,11 @@ def probe_mask_windows(model: ir.Model, sites: Sequence[AttentionSite] | None = 
     site_parts = [_parts(site) for site in sites]
     values = list(dict.fromkeys(p.value for parts in site_parts for p in parts))
     index = {v: k for k, v in enumerate(values)}
-    probes: dict[bool, _Probe] = {}
+    probes: dict[bool, ConeProbe] = {}
 
-    def probe(retained: bool) -> _Probe:
+    def probe(retained: bool) -> ConeProbe:
         if retained not in probes:
-            probes[retained] = _Probe(model, kv, io, values, max_constant_bytes, retained_view=retained)
+            probes[retained] = ConeProbe(model, kv, io, values, max_constant_bytes, retained_view=retained)
         return probes[retained]
 
     errors: list[str] = []

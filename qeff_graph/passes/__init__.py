@@ -13,10 +13,12 @@ from qeff_graph.passes.last_token_logits import LastTokenLogits
 from qeff_graph.passes.manager import PassManager
 from qeff_graph.passes.matmul_nbits import MatMulNBits
 from qeff_graph.passes.ort_fuse_encoder import ORTFuseEncoder
+from qeff_graph.passes.ort_group_query_attention import OrtGroupQueryAttention
+from qeff_graph.passes.ort_skip_norm import OrtSkipNorm
 from qeff_graph.passes.ort_valid_attention import OrtValidAttention
 from qeff_graph.passes.past_shape import PastShape
-from qeff_graph.passes.pooling import Pooling
 from qeff_graph.passes.pipelines import PIPELINES, build_pipeline, pipeline_names
+from qeff_graph.passes.pooling import Pooling
 from qeff_graph.passes.position_mask import PositionMask
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "LastTokenLogits",
     "MatMulNBits",
     "ORTFuseEncoder",
+    "OrtGroupQueryAttention",
+    "OrtSkipNorm",
     "OrtValidAttention",
     "PassManager",
     "PastShape",

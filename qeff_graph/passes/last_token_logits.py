@@ -31,7 +31,9 @@ from qeff_graph.ir.analysis import find_io, find_kv_cache, is_weight
 from qeff_graph.ir.build import Builder, is_qeff_node
 from qeff_graph.passes.registry import register
 
-__all__ = ["LastTokenLogits"]
+__all__ = ["LastTokenLogits", "VERIFY_POSITIONS_KEY"]
+
+VERIFY_POSITIONS_KEY = "qeff_graph.verify_positions"  # model metadata: K+1 when all positions are kept
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,8 @@ class LastTokenLogits(ir.passes.InPlacePass):
             picked = b.op("GatherND", hidden, b.op("Unsqueeze", index, b.i64(2)), batch_dims=1)  # [B, n, hidden]
             head.replace_input_with(hidden_index, picked)
             kept = "num_logits"
+            # for runtimes that split a step (ort-gqa programs run steps of S > 1 row by row)
+            model.metadata_props[VERIFY_POSITIONS_KEY] = str(k + 1)
         b.commit()
         if io.logits.shape is not None and io.logits.shape.rank() == 3:
             io.logits.shape = ir.Shape([io.logits.shape[0], kept, io.logits.shape[2]])

@@ -21,6 +21,11 @@ notes/ORT_FAST_PATH.md). Where the blocks come from (:mod:`qeff_graph.passes.wei
   another type (F32, F16, K-quants...) are quantized from the float weights as above and listed
   in one progress line.
 
+MatMuls that read the same ``A`` (the Q/K/V projections, gate/up) and whose weights have the same
+block form and no other use are **packed**: one ``MatMulNBits`` over their blocks stacked along
+N (and one block-minimum correction), then a ``Split`` back — fewer, wider kernels, the same
+numbers (each column's blocks are its own weight's).
+
 A ``Gather(table, ids)`` (axis 0) whose table is a weight quantized here in the ``Wt`` layout (a
 tied embedding) or a GGUF tensor carried exactly (a GGUF export's embedding) becomes
 ``GatherBlockQuantized`` on the same ``B`` bytes (+ the block minimum, + a Reshape to
@@ -167,7 +172,9 @@ class MatMulNBits(ir.passes.InPlacePass):
     ``weight_bits`` (4 or 8), ``block_size`` (power of two >= 16), ``accuracy_level`` ("auto":
     1, float compute; None omits it; 4 = int8 compute on CPU, faster, changes greedy text),
     ``min_elements`` (skip weights with fewer K*N values), ``gguf`` (path of the GGUF the float
-    weights were dequantized from: carry its blocks).
+    weights were dequantized from: carry its blocks), ``pack`` (default True: MatMuls that read
+    the same input with weights of one block form — Q/K/V, gate/up — become one MatMulNBits over
+    the weights stacked along N, then a Split; each weight's blocks stay exactly its own).
 
     Expects:
         Main-graph ``MatMul(A, W)`` / ``MatMul(A, Transpose(Wt))`` with a rank-2 float32/float16
@@ -185,8 +192,9 @@ class MatMulNBits(ir.passes.InPlacePass):
     """
 
     def __init__(self, weight_bits: int = 8, block_size: int = 32, accuracy_level: int | str | None = "auto",
-                 min_elements: int = 0, gguf: str | None = None):
+                 min_elements: int = 0, gguf: str | None = None, pack: bool = True):
         super().__init__()
+        self.pack = pack
         if weight_bits not in (4, 8):
             raise QeffGraphError(f"matmul-nbits: weight_bits must be 4 or 8, got {weight_bits}; "
                                  "pass weight_bits=4 or weight_bits=8")
@@ -255,8 +263,9 @@ class MatMulNBits(ir.passes.InPlacePass):
         self.stats["carried"] += 1
         return blocks
 
-    def _quantize(self, graph: ir.Graph, weight: ir.Value, transposed: bool, source: GGUFWeights | None,
-                  required: bool = True) -> _Quantized | None:
+    def _weight_blocks(self, weight: ir.Value, transposed: bool, source: GGUFWeights | None,
+                       required: bool = True) -> tuple[Blocks, np.dtype] | None:
+        """The blocks a weight becomes (in the form the kernel runs) and its float dtype."""
         tensor = _const_2d(weight)
         array = read_tensor(tensor)
         wt = np.ascontiguousarray(array if transposed else array.T)
@@ -267,7 +276,47 @@ class MatMulNBits(ir.passes.InPlacePass):
             blocks = blocks.as_halves()  # no float-compute 8-bit kernel on CPU: two 4-bit halves
         self.stats["bytes_before"] += tensor.nbytes
         self.stats["weights"] += 1
-        return _Quantized(self, graph, weight.name or "weight", blocks, array.dtype)
+        return blocks, array.dtype
+
+    def _quantize(self, graph: ir.Graph, weight: ir.Value, transposed: bool, source: GGUFWeights | None,
+                  required: bool = True) -> _Quantized | None:
+        found = self._made.pop((id(weight), transposed), None) or self._weight_blocks(weight, transposed, source, required)
+        return None if found is None else _Quantized(self, graph, weight.name or "weight", *found)
+
+    def _pack(self, b: Builder, graph: ir.Graph, matches: list, source: GGUFWeights | None, sums: dict) -> set:
+        """MatMuls reading the same A whose weights have the same block form (and no other use)
+        become one MatMulNBits over their weights stacked along N (one block-minimum correction),
+        then a Split: Q/K/V, gate/up. Returns the nodes rewritten."""
+        uses: dict = {}
+        for _node, (weight, transposed) in matches:
+            uses[(id(weight), transposed)] = uses.get((id(weight), transposed), 0) + 1
+        by_input: dict = {}
+        for node, found in matches:
+            weight = node.inputs[1]  # W, or Transpose(Wt): read by this MatMul only (a tied table is not)
+            alone = len(weight.uses()) == 1 and (weight is found[0] or len(found[0].uses()) == 1)
+            if uses[(id(found[0]), found[1])] == 1 and alone:
+                by_input.setdefault(id(node.inputs[0]), []).append((node, found))
+        done = set()
+        for members in by_input.values():
+            if len(members) < 2:
+                continue
+            forms: dict = {}
+            for node, found in members:
+                blocks, dtype = self._made[(id(found[0]), found[1])] = self._weight_blocks(*found, source)
+                form = (blocks.bits, blocks.k, blocks.block_size, blocks.halves, np.dtype(dtype), blocks.mins is None)
+                forms.setdefault(form, []).append((node, found, blocks, dtype))
+            for group in forms.values():
+                if len(group) < 2:
+                    continue  # alone in its form: its own MatMulNBits (the blocks wait in self._made)
+                for _, found, _, _ in group:
+                    del self._made[(id(found[0]), found[1])]
+                group = [(node, blocks, dtype) for node, _, blocks, dtype in group]
+                stacked = Blocks.stack([blocks for _, blocks, _ in group])
+                q = _Quantized(self, graph, "+".join(n.inputs[1].name or "w" for n, _, _ in group), stacked, group[0][2])
+                self._rewrite_matmul(b, graph, [n for n, _, _ in group], q, sums, sizes=[bl.n for _, bl, _ in group])
+                done.update(n for n, _, _ in group)
+                self.stats["packed"] += len(group)
+        return done
 
     def _block_sums(self, b: Builder, graph: ir.Graph, a: ir.Value, q: _Quantized, cache: dict) -> ir.Value:
         """``A @ E``: A summed over each block of K (shared by the MatMuls reading the same A)."""
@@ -292,10 +341,14 @@ class MatMulNBits(ir.passes.InPlacePass):
     def _level(self) -> int | None:
         return AUTO_LEVEL if self.accuracy_level == "auto" else self.accuracy_level
 
-    def _rewrite_matmul(self, b: Builder, graph: ir.Graph, node: ir.Node, q: _Quantized, sums: dict) -> None:
+    def _rewrite_matmul(self, b: Builder, graph: ir.Graph, node: ir.Node | list[ir.Node], q: _Quantized, sums: dict,
+                        sizes: list[int] | None = None) -> None:
+        """``node`` → MatMulNBits (+ correction); a list of nodes reading one A (``sizes``: their
+        N) → one MatMulNBits over the stacked weights, split back along the last axis."""
         level = self._level()
         extra = {} if level is None else {"accuracy_level": level}
-        old = node.outputs[0]
+        nodes = node if isinstance(node, list) else [node]
+        node = nodes[0]
         a = node.inputs[0]
         if q.halves:  # [A, A] against the high- and low-nibble blocks
             if ("AA", id(a)) not in sums:
@@ -306,7 +359,10 @@ class MatMulNBits(ir.passes.InPlacePass):
                  block_size=q.block_size, **extra)
         if q.mins is not None:
             y = b.op("Add", y, b.op("MatMul", self._block_sums(b, graph, node.inputs[0], q, sums), q.mins_t()))
-        _replace(b, graph, node, old, y, old.dtype or q.scales.dtype)  # MatMulNBits' output type is A's = W's
+        ys = [y] if sizes is None else b.op_multi("Split", y, b.i64(*sizes), axis=-1, num_outputs=len(sizes))
+        for each, y in zip(nodes, ys):
+            old = each.outputs[0]
+            _replace(b, graph, each, old, y, old.dtype or q.scales.dtype)  # MatMulNBits' output type is A's = W's
 
     def _rewrite_gather(self, b: Builder, graph: ir.Graph, node: ir.Node, q: _Quantized) -> None:
         ids = node.inputs[1]
@@ -358,7 +414,7 @@ class MatMulNBits(ir.passes.InPlacePass):
                                                    f"bits={bits} block_size={block} need {want}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = {"quantized": 0, "weights": 0, "carried": 0, "requantized": 0, "gathers": 0,
+        self.stats = {"quantized": 0, "weights": 0, "carried": 0, "requantized": 0, "gathers": 0, "packed": 0,
                       "bytes_before": 0, "bytes_after": 0}
         self.requantized = []
         graph = model.graph
@@ -367,9 +423,14 @@ class MatMulNBits(ir.passes.InPlacePass):
         done: dict[tuple[int, bool], _Quantized | None] = {}
         sums: dict = {}
         dead: list[ir.Value] = []
-        for node in list(graph):
-            found = self._matches(node)
-            if found is None:
+        matches = [(node, found) for node in list(graph) if (found := self._matches(node)) is not None]
+        weights = {node: node.inputs[1] for node, _ in matches}  # read before a rewrite disconnects the node
+        self._made: dict = {}  # blocks made while packing, for weights that stayed alone
+        packed = self._pack(b, graph, matches, source, sums) if self.pack else set()
+        dead += [weights[node] for node in packed]
+        self.stats["quantized"] += len(packed)
+        for node, found in matches:
+            if node in packed:
                 continue
             key = (id(found[0]), found[1])
             if key not in done:

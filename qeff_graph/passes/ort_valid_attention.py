@@ -37,9 +37,15 @@ import onnx_ir as ir
 from qeff_graph.backends.ort.inplace import inplace_cache_inputs
 from qeff_graph.errors import PreconditionError
 from qeff_graph.ir.analysis import depends_on, find_io, find_kv_cache
-from qeff_graph.ir.attention import AttentionSite, _Finder, find_attention_sites, scalar_value
+from qeff_graph.ir.attention import (
+    AttentionSite,
+    _Finder,
+    find_attention_sites,
+    scalar_value,
+)
 from qeff_graph.ir.build import Builder, is_qeff_node
 from qeff_graph.ir.positions import is_cache_length
+from qeff_graph.passes.ort_group_query_attention import has_group_query_attention
 from qeff_graph.passes.registry import register
 
 __all__ = ["OrtValidAttention"]
@@ -88,6 +94,10 @@ class OrtValidAttention(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self.lowered, self.inplace_before = set(), False
+        if has_group_query_attention(model):  # ort-gqa lowered every layer: nothing left to do
+            self.stats = {"layers": len(find_kv_cache(model).layers), "lowered": 0, "gqa": True}
+            return ir.passes.PassResult(model, modified=False)
         kv = find_kv_cache(model)
         io = find_io(model, kv)
         self.inplace_before = inplace_cache_inputs(model) == {v.name for v in kv.past_inputs}

@@ -6,7 +6,10 @@ retained-state contract of DESIGN.md::
     past-shape → position-mask → kv-retention → last-token-logits
         → custom-rmsnorm → [fp16-clamp when the cache is float16]
         → [matmul-nbits with weight_bits]
-        → [ort-valid-attention on the ort backend: attend over the valid length only] → cleanup
+        → [ort-skip-norm, ort-gqa on the ort backend (ort_lowering 2): residual Add + RMSNorm fused;
+           GroupQueryAttention, where every layer is proven]
+        → [ort-valid-attention on the ort backend: the layers left attend over the valid length only]
+        → cleanup
 
 ``encoder`` (``qeff-graph embed``, ``QEFFAutoModel``) prepares an encoder export::
 
@@ -29,6 +32,8 @@ PIPELINES: dict[str, list[str]] = {
         "custom-rmsnorm",
         "fp16-clamp",
         "matmul-nbits",
+        "ort-skip-norm",
+        "ort-gqa",
         "ort-valid-attention",
         "cleanup",
     ],
@@ -38,13 +43,16 @@ PIPELINES: dict[str, list[str]] = {
 
 def pipeline_names(name: str = "retained-kv", *, kv_dtype: str = "float32",
                    weight_bits: int | None = None, pooling: str | None = None,
-                   ort_lowering: bool = False) -> list[str]:
-    """The passes of pipeline ``name``; the optional ones only when their option asks for them."""
+                   ort_lowering: int = 0) -> list[str]:
+    """The passes of pipeline ``name``; the optional ones only when their option asks for them
+    (``ort_lowering``: 0 portable, 1 valid-length attention, 2 GroupQueryAttention where proven)."""
     names = list(PIPELINES[name])
     if name == "encoder":
         return [n for n in names if (n != "pooling" or pooling) and (n != "ort-fuse-encoder" or ort_lowering)]
     if not ort_lowering and "ort-valid-attention" in names:
         names.remove("ort-valid-attention")
+    if (ort_lowering or 0) < 2:
+        names = [n for n in names if n not in ("ort-skip-norm", "ort-gqa")]
     if kv_dtype != "float16" and "fp16-clamp" in names:
         names.remove("fp16-clamp")
     if weight_bits is None and "matmul-nbits" in names:

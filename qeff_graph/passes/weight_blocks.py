@@ -78,6 +78,26 @@ class Blocks:
             scales=np.concatenate([scales * 16, scales], axis=1).astype(self.scales.dtype),
             zero_points=np.concatenate([zp >> 4, zp & 15], axis=1))
 
+    @classmethod
+    def stack(cls, parts: list[Blocks]) -> Blocks:
+        """The blocks of several weights of one K side by side along N (their ``Wt`` rows
+        concatenated): one MatMulNBits computes them all. A part without zero points gets the
+        default ``2^(bits-1)``, one without minima zeros: every part's values stay exactly its own."""
+        first = parts[0]
+        if any((p.bits, p.k, p.block_size, p.halves, p.scales.dtype) !=
+               (first.bits, first.k, first.block_size, first.halves, first.scales.dtype) for p in parts):
+            raise ValueError("blocks of different bits/K/block size/form cannot be stacked")
+        zps = [p.zero_points for p in parts]
+        zero_points = None if all(z is None for z in zps) else np.concatenate(
+            [np.full(p.scales.shape, 2 ** (p.bits - 1), np.uint8) if z is None else z for p, z in zip(parts, zps)])
+        mins = [p.mins for p in parts]
+        mins = None if all(m is None for m in mins) else np.concatenate(
+            [np.zeros((p.n, p.k_blocks), p.scales.dtype) if m is None else m.astype(p.scales.dtype)
+             for p, m in zip(parts, mins)])
+        return cls(q=np.concatenate([p.q for p in parts]), scales=np.concatenate([p.scales for p in parts]),
+                   bits=first.bits, k=first.k, zero_points=zero_points, mins=mins,
+                   origin="+".join(p.origin for p in parts), halves=first.halves)
+
     def packed(self) -> np.ndarray:
         """MatMulNBits ``B`` ``[N, nb, block*bits/8]``: 4-bit codes two per byte, even index low."""
         if self.bits == 8:

@@ -43,14 +43,17 @@ ENCODER_SEQ_LEN = 128  # the encoder's seq_len specialization when none is given
 # fields that change model.onnx (the rest only change specializations, IO precisions, backend files)
 GRAPH_FIELDS = ("kind", "kv_dtype", "weight_bits", "passes", "sliding_window", "full_batch_size", "pooling",
                 "normalize", "num_speculative_tokens", "weight_scheme", "ort_lowering")
-# how weight_bits quantizes (matmul-nbits): 3 = blocks with a float minimum, a GGUF export's own blocks
-# carried, float compute (issue 11); 1 = symmetric re-quantization, int8 compute (programs built before:
-# their manifests lack the field); 2 = development builds of issue 11 (never reused)
-WEIGHT_SCHEME = 3
+# how weight_bits quantizes (matmul-nbits): 4 = as 3, with the MatMuls of one input packed into one
+# MatMulNBits (Q/K/V, gate/up); 3 = blocks with a float minimum, a GGUF export's own blocks carried,
+# float compute (issue 11); 1 = symmetric re-quantization, int8 compute (programs built before: their
+# manifests lack the field); 2 = development builds of issue 11 (never reused)
+WEIGHT_SCHEME = 4
 # programs on ort are lowered to ONNX Runtime's kernels (encoders: the ort-fuse-encoder pass; causal
-# LMs: ort-valid-attention); this version is part of their cache key. 0: the portable graph
-# (ort_lowering=0, and manifests built before the lowering, which lack the field; qaic: None)
-ORT_LOWERING = 1
+# LMs: ort-gqa where it proves every layer, else ort-valid-attention); this version is part of their cache
+# key. 0: the portable graph (ort_lowering=0, and manifests built before the lowering, which lack the
+# field; qaic: None); 1: attention over the valid length only (no GroupQueryAttention)
+ORT_LOWERING = 2
+ORT_LOWERINGS = (0, 1, 2)
 # causal-LM options an encoder program must leave at their defaults
 _CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "weight_bits", "mxint8",
                 "num_speculative_tokens")
@@ -71,9 +74,11 @@ class ProgramSpec:
     causal-LM options (ctx_len, prompt_len, KV cache, full batch, weight bits) do not apply.
 
     On ort a program is lowered to ONNX Runtime (``ort_lowering``, default ``ORT_LOWERING``): an
-    encoder's attention becomes ORT's fused Attention (``ort-fuse-encoder``), a causal LM attends
-    over the valid length of its cache (``ort-valid-attention``) and its RMSNorms become
-    ``SimplifiedLayerNormalization``. ``ort_lowering=0`` keeps the portable graph, as qaic always does.
+    encoder's attention becomes ORT's fused Attention (``ort-fuse-encoder``), a causal LM's attention
+    becomes ``GroupQueryAttention`` (``ort-gqa``, where every layer is proven) or else attends over the
+    valid length of its cache (``ort-valid-attention``; ``ort_lowering=1`` asks for this one only), and
+    its RMSNorms become ``SimplifiedLayerNormalization``. ``ort_lowering=0`` keeps the portable graph,
+    as qaic always does.
     """
 
     ctx_len: int = 128
@@ -160,11 +165,14 @@ class ProgramSpec:
         if self.weight_bits is None or self.weight_scheme is None:
             set_("weight_scheme", None if self.weight_bits is None else WEIGHT_SCHEME)
         if self.backend != "ort":
+            if self.ort_lowering:
+                raise QeffGraphError("--ort-lowering applies to --backend ort; qaic compiles the portable graph")
             set_("ort_lowering", None)  # qaic keeps the portable graph
         elif self.ort_lowering is None:
             set_("ort_lowering", ORT_LOWERING)
-        elif self.ort_lowering not in (0, ORT_LOWERING):
-            raise QeffGraphError(f"ort_lowering must be 0 (portable graph) or {ORT_LOWERING}, got {self.ort_lowering!r}")
+        elif self.ort_lowering not in ORT_LOWERINGS:
+            raise QeffGraphError(f"ort_lowering must be 0 (portable graph), 1 (valid-length attention) or 2 "
+                                 f"(GroupQueryAttention where proven), got {self.ort_lowering!r}")
 
     def _check_kind(self, set_) -> None:
         from qeff_graph.passes.pooling import POOLING_MODES
@@ -213,7 +221,7 @@ class ProgramSpec:
         if self.kind == "encoder":
             return pipeline_names("encoder", pooling=self.pooling, ort_lowering=bool(self.ort_lowering))
         return pipeline_names(kv_dtype=self.kv_dtype, weight_bits=self.weight_bits,
-                              ort_lowering=bool(self.ort_lowering))
+                              ort_lowering=self.ort_lowering or 0)
 
     def pass_options(self, sliding_window: int | None) -> dict:
         """Constructor options handed to the passes (each takes those it knows)."""
@@ -353,3 +361,4 @@ def _pass_names(passes: Any) -> tuple[str, ...]:
 
 
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ProgramSpec)}
+DEFAULTS["ort_lowering"] = ORT_LOWERING  # on ort (the field's None means "the backend's default")

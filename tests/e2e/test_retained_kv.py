@@ -26,13 +26,15 @@ def test_token_exact_vs_hf(arch, exporter, exports, hf_reference, tmp_path):
                           prompt_len=PROMPT_LEN, batch_size=4)
     passes = {e["pass"]: e for e in program.manifest["pipeline"]}
     assert list(passes)[:4] == ["past-shape", "position-mask", "kv-retention", "last-token-logits"]
-    lowering = passes["ort-valid-attention"]["stats"]  # ort: attention over the valid length only
-    assert lowering["lowered"] == lowering["layers"], lowering
+    # ort: every layer lowered, GroupQueryAttention where ort-gqa proved it, else the valid length only
+    gqa, valid = passes["ort-gqa"]["stats"], passes["ort-valid-attention"]["stats"]
+    assert gqa["lowered"] == gqa["layers"] or valid["lowered"] == valid["layers"], (gqa, valid)
     batch = prompts()
     expected = [hf_reference(arch, p, NEW_TOKENS) for p in batch]
     for ctx_len, batch_size in ((64, 4), (128, 4), (64, 2)):
         session = RetainedStateSession(program.path, batch_size=batch_size, ctx_len=ctx_len)
         assert session.inplace == set(session.cache_specs)  # every cache tensor updated in place
+        assert session.rows_alone == bool(gqa["lowered"])
         result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS,
                               return_logits=True)
         for i, (tokens, logits) in enumerate(expected):
@@ -41,16 +43,19 @@ def test_token_exact_vs_hf(arch, exporter, exports, hf_reference, tmp_path):
             assert diff < 1e-4, (ctx_len, batch_size, i, diff)
 
 
+@pytest.mark.parametrize("lowering", [0, 1, 2])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_portable_program_and_numpy_feeds_agree(arch, exports, hf_reference, tmp_path):
-    """The portable graph (ort_lowering=0, what qaic gets) run with numpy feeds (no buffer
-    sharing) gives the same tokens as transformers, like the lowered program in place."""
+def test_each_lowering_with_numpy_feeds_agrees(arch, lowering, exports, hf_reference, tmp_path):
+    """The portable graph (ort_lowering=0, what qaic gets), the valid-length lowering (1) and the
+    GroupQueryAttention one (2) run with numpy feeds (no buffer sharing: GroupQueryAttention then
+    copies the cache) give the same tokens as transformers, like the lowered program in place."""
     program = qg.optimize(exports(arch, "optimum"), tmp_path / "p", ctx_len=64, prompt_len=PROMPT_LEN,
-                          batch_size=4, ort_lowering=0)
-    assert "ort-valid-attention" not in [e["pass"] for e in program.manifest["pipeline"]]
+                          batch_size=4, ort_lowering=lowering)
+    names = [e["pass"] for e in program.manifest["pipeline"]]
+    assert ("ort-valid-attention" in names) == (lowering > 0) and ("ort-gqa" in names) == (lowering == 2)
     batch = prompts()
     session = RetainedStateSession(program.path, batch_size=4, ctx_len=64, io_binding=False)
-    assert session.inplace == set()
+    assert session.inplace == set() and session.rows_alone == (lowering == 2)
     result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS)
     assert result.generated_ids == [hf_reference(arch, p, NEW_TOKENS)[0] for p in batch]
 

@@ -23,14 +23,16 @@ def _i64(name, values):
     return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
 
 
-def cache_model(seed: int = 0) -> onnx.ModelProto:
+def cache_model(seed: int = 0, heads: int = H, head_dim: int = D) -> onnx.ModelProto:
     """Dynamic-KV graph: new k/v rows from an embedding; present = Concat(past, new, axis=2);
     the scores get a padding mask from ``attention_mask`` plus a causal one (``Range`` from the
     past length), as exporters build them.
 
     Also outputs Shape(past_key)-derived total length, as exporters do, and logits from a
-    MatMul LM head, so every pass has something to rewrite.
+    MatMul LM head, so every pass has something to rewrite. ``heads``/``head_dim`` default to
+    the module's ``H``/``D``.
     """
+    H, D = heads, head_dim  # noqa: N806 - the module's names, local
     rng = np.random.default_rng(seed)
     emb = numpy_helper.from_array(rng.standard_normal((V, H * D)).astype(np.float32), "emb")
     head = numpy_helper.from_array(rng.standard_normal((H * D, V)).astype(np.float32), "lm_head")

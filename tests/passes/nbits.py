@@ -69,10 +69,19 @@ def _correction(node: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
 
 
 def effective_weights(model: ir.Model) -> dict[str, np.ndarray]:
-    """``{output name of the MatMul it replaced: [K, N] weight}`` for every MatMulNBits."""
+    """``{output name of the MatMul it replaced: [K, N] weight}`` for every MatMulNBits; a packed
+    one (several weights stacked along N, then a ``Split``) gives each part under its own name."""
     out = {}
     for node in model.graph:
         if node.op_type == "MatMulNBits":
             correction = _correction(node)
-            out[(correction[0] if correction else node).outputs[0].name] = effective_weight(node)
+            result = (correction[0] if correction else node).outputs[0]
+            weight = effective_weight(node)
+            split = [u.node for u in result.uses() if u.node.op_type == "Split"]
+            if not split:
+                out[result.name] = weight
+                continue
+            sizes = np.cumsum(ir.convenience.get_const_tensor(split[0].inputs[1]).numpy())[:-1]
+            for value, part in zip(split[0].outputs, np.split(weight, sizes, axis=1)):
+                out[value.name] = part
     return out

@@ -347,3 +347,47 @@ def test_gguf_bad_inputs(gguf_file, tmp_path):
     w16 = deq["blk.0.ffn_up.weight"].T.astype(np.float16)
     with pytest.raises(QeffGraphError, match="float32 graphs only"):
         MatMulNBits(weight_bits=4, gguf=str(path))(to_ir(_linear(64, np.float16, w16)))
+
+
+def _qkv_graph():
+    """x @ wq, x @ wk, x @ wv (one input) and h @ wo (another): Q/K/V are packed, o stays alone."""
+    rng = np.random.default_rng(11)
+    shapes = {"wq": (64, 64), "wk": (64, 16), "wv": (64, 16), "wo": (64, 64)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("MatMul", ["x", w], [w[1:]]) for w in ("wq", "wk", "wv")]
+    nodes.append(helper.make_node("MatMul", ["h", "wo"], ["o"]))
+    return _model(nodes, [vi("x", TensorProto.FLOAT, [2, 3, 64]), vi("h", TensorProto.FLOAT, [2, 3, 64])],
+                  [vi(n, TensorProto.FLOAT, None) for n in ("q", "k", "v", "o")], inits)
+
+
+def test_matmuls_of_one_input_are_packed_with_the_same_numbers():
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((2, 3, 64)).astype(np.float32),
+             "h": rng.standard_normal((2, 3, 64)).astype(np.float32)}
+    packed, apart = to_ir(_qkv_graph()), to_ir(_qkv_graph())
+    p = MatMulNBits(weight_bits=4)
+    p(packed)
+    MatMulNBits(weight_bits=4, pack=False)(apart)
+    assert p.stats["packed"] == 3 and p.stats["quantized"] == 4 and p.stats["weights"] == 4
+    kernels = [n for n in packed.graph if n.op_type == "MatMulNBits"]
+    assert sorted(n.attributes["N"].value for n in kernels) == [64, 96]  # q+k+v stacked, o alone
+    assert ops(packed).count("Split") == 1 and ops(apart).count("Split") == 0
+    # each part computes with exactly the blocks it has alone
+    mine, theirs = effective_weights(packed), effective_weights(apart)
+    assert set(mine) == set(theirs) == {"q", "k", "v", "o"}
+    for name in mine:
+        np.testing.assert_array_equal(mine[name], theirs[name])
+    a, b = run(packed, feeds), run(apart, feeds)
+    for name in ("q", "k", "v", "o"):
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_read_elsewhere_is_not_packed():
+    proto = _qkv_graph()
+    proto.graph.node.append(helper.make_node("Identity", ["wk"], ["wk_copy"]))
+    proto.graph.output.append(vi("wk_copy", TensorProto.FLOAT, None))
+    model = to_ir(proto)
+    p = MatMulNBits(weight_bits=4)
+    p(model)
+    assert p.stats["packed"] == 2  # q and v; k's float weight is still needed
+    assert sorted(n.attributes["N"].value for n in model.graph if n.op_type == "MatMulNBits") == [16, 64, 80]

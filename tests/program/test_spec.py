@@ -63,8 +63,16 @@ def test_graph_options_ignore_shapes_and_backend():
     assert a.graph_options() == b.graph_options() and a.artifact_options() != b.artifact_options()
     assert ProgramSpec(kv_dtype="float16", ort_lowering=0).graph_options() != a.graph_options()
     lowered = ProgramSpec(ctx_len=64, batch_size=4)
-    assert lowered.ort_lowering == 1 and lowered.graph_options() != a.graph_options()
+    assert lowered.ort_lowering == 2 and lowered.graph_options() != a.graph_options()
     assert "ort-valid-attention" in lowered.pipeline() and "ort-valid-attention" not in a.pipeline()
+    assert lowered.pipeline().index("ort-gqa") < lowered.pipeline().index("ort-valid-attention")
+    valid_only = ProgramSpec(ctx_len=64, batch_size=4, ort_lowering=1)
+    assert "ort-gqa" not in valid_only.pipeline() and "ort-valid-attention" in valid_only.pipeline()
+    assert len({a.cache_key(m="m"), valid_only.cache_key(m="m"), lowered.cache_key(m="m")}) == 3
+    with pytest.raises(QeffGraphError, match="ort_lowering must be 0"):
+        ProgramSpec(ort_lowering=3)
+    with pytest.raises(QeffGraphError, match="applies to --backend ort"):
+        ProgramSpec(backend="qaic", ort_lowering=2)
     assert lowered.pass_options(None)["target"] == "ort" and "target" not in a.pass_options(None)
     # manifests written before the lowering (no field, or null) describe portable programs
     old = {k: v for k, v in lowered.to_dict().items() if k != "ort_lowering"}
@@ -96,7 +104,7 @@ def test_encoder_specs():
     assert ProgramSpec.from_dict(old).cache_key(model="m") != spec.cache_key(model="m")
     assert ProgramSpec.from_dict(old).graph_options() != spec.graph_options()
     assert ProgramSpec.from_dict(spec.to_dict()) == spec
-    assert ProgramSpec().artifact_options()["ort_lowering"] == 1 and "ort_lowering" not in qaic.artifact_options()
+    assert ProgramSpec().artifact_options()["ort_lowering"] == 2 and "ort_lowering" not in qaic.artifact_options()
 
 
 def test_speculative_verify_specialization():

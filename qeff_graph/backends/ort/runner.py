@@ -12,6 +12,15 @@ A cache tensor that the program updates in place
 values) has one buffer bound as both the input and its ``*_RetainedState`` output, so a step
 writes only the new rows; any other has two buffers, a step reads one and writes the other,
 then they swap. ``io_binding=False`` feeds numpy arrays instead.
+
+A program lowered with ``GroupQueryAttention`` (``ort-gqa``;
+:func:`~qeff_graph.backends.ort.inplace.rows_alone`) takes a step whose every row is "tokens at
+consecutive positions, then pads" and fits the cache (first position + seq_len <= ctx_len), for
+the whole batch at once. Any other step (pads first or between, a chunk that would reach past
+the cache, a continuous-batching prefill into chosen slots) runs here row by row: each row's pads
+(position -1) are dropped and the row's cache is bound as a ``[1, ...]`` view of the batch
+buffer (its slot, ``batch_index``, with continuous batching); the logits are put back where the
+whole-batch step would have returned them.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from qeff_graph.backends.ort.inplace import inplace_cache_inputs_of
 from qeff_graph.backends.ort.io_files import IOFileWriter
 from qeff_graph.backends.ort.session import cpu_session
 from qeff_graph.errors import QeffGraphError
+from qeff_graph.passes.last_token_logits import VERIFY_POSITIONS_KEY
 from qeff_graph.resources import check_kv_cache_fits
 
 __all__ = ["RetainedStateSession"]
@@ -79,8 +89,14 @@ class RetainedStateSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.io_writer = IOFileWriter(write_io_dir) if write_io_dir else None
         self.io_binding = io_binding
-        self.inplace = inplace_cache_inputs_of(path) if io_binding else set()
+        inplace, self.rows_alone = inplace_cache_inputs_of(path)
+        self.inplace = inplace if io_binding else set()
+        if self.rows_alone and io_binding and inplace != set(self.cache_specs):
+            raise QeffGraphError(f"{path}: a GroupQueryAttention program whose cache is not updated in place")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.verify_positions = int(meta.get(VERIFY_POSITIONS_KEY, 0))  # K+1: steps that keep every position
         self._buffers: list[np.ndarray] = []  # the memory of the bound OrtValues (io_binding)
+        self._rows: dict[int, dict[str, ort.OrtValue]] = {}  # per slot: OrtValues over its cache rows
         self.reset()
 
     def reset(self) -> None:
@@ -90,6 +106,7 @@ class RetainedStateSession:
                 array.fill(0)
             return
         self.cache = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.cache_specs.items()}
+        self._arrays = dict(self.cache)  # name -> the whole cache array (bound buffers with io_binding)
         if self.io_binding:
             spare = {n: a if n in self.inplace else np.zeros_like(a) for n, a in self.cache.items()}
             self._buffers = [*self.cache.values(), *(a for n, a in spare.items() if n not in self.inplace)]
@@ -112,7 +129,11 @@ class RetainedStateSession:
             if batch_index is None:
                 raise QeffGraphError("this program uses continuous batching: pass batch_index")
             feeds["batch_index"] = np.ascontiguousarray(batch_index, dtype=np.int64).reshape(-1, 1)
-        if self.io_binding:
+        if self.rows_alone and self._split(feeds):
+            logits = self._run_rows(feeds)
+        elif self.rows_alone and not self.io_binding:  # the kernel needs past and present to be one buffer
+            logits = self._run_in_place(feeds, self.cache)
+        elif self.io_binding:
             logits = self._run_bound(feeds)
         else:
             outputs = self.session.run(self.output_names, {**feeds, **self.cache})
@@ -123,6 +144,72 @@ class RetainedStateSession:
         if self.io_writer is not None and self.io_writer.wants(phase):
             self.io_writer.record(phase, feeds, {"logits": logits})  # the cache stays out
         return logits
+
+    def _split(self, feeds: dict[str, np.ndarray]) -> bool:
+        """Whether a step of a ``rows_alone`` program must run row by row (module docstring)."""
+        positions = feeds["position_ids"]
+        if "batch_index" in feeds and not np.array_equal(feeds["batch_index"].reshape(-1),
+                                                         np.arange(self.batch_size)):
+            return True  # into chosen slots (continuous-batching prefill)
+        real = positions >= 0
+        count = real.sum(axis=1)
+        if np.any(real[:, 1:] & ~real[:, :-1]):
+            return True  # a pad before a real token
+        first = np.where(count > 0, positions[:, 0], 1)  # an idle row counts as one cached token
+        steps = np.diff(positions, axis=1)
+        return bool(np.any((steps != 1) & real[:, 1:]) or np.any(first + positions.shape[1] > self.ctx_len))
+
+    def _run_rows(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        input_ids, positions = feeds["input_ids"], feeds["position_ids"]
+        rows, seq = positions.shape
+        slots = feeds["batch_index"].reshape(-1) if "batch_index" in feeds else np.arange(rows)
+        every = 0 < seq <= self.verify_positions  # the program returns every position of such a step
+        out = None
+        for r in range(rows):
+            keep = np.flatnonzero(positions[r] >= 0)
+            if keep.size == 0:
+                continue
+            pos = positions[r, keep]
+            if np.any(np.diff(pos) != 1):
+                raise QeffGraphError(f"row {r} of this step has positions {pos.tolist()}; a GroupQueryAttention "
+                                     "program takes a row's tokens at consecutive positions")
+            if not 0 <= int(slots[r]) < self.batch_size:
+                raise QeffGraphError(f"batch_index {int(slots[r])} is outside the cache's {self.batch_size} rows")
+            row = {"input_ids": input_ids[r:r + 1, keep], "position_ids": pos[None]}
+            if "batch_index" in feeds:
+                row["batch_index"] = np.zeros((1, 1), np.int64)  # the cache bound is the slot's own row
+            logits = self._run_row(row, int(slots[r]))
+            if out is None:
+                out = np.zeros((rows, seq if every else 1, logits.shape[-1]), logits.dtype)
+            if every:
+                out[r, keep] = logits[0]
+            else:
+                out[r, 0] = logits[0, -1]  # the row's last token: the one a whole-batch step returns
+        if out is None:
+            raise QeffGraphError("every row of this step is padding (position -1); nothing to run")
+        return out
+
+    def _run_row(self, feeds: dict[str, np.ndarray], slot: int) -> np.ndarray:
+        """One row's step with its cache rows bound in place (views of the batch's buffers)."""
+        if not self.io_binding:
+            return self._run_in_place(feeds, {n: a[slot:slot + 1] for n, a in self.cache.items()})
+        if slot not in self._rows:  # views of the bound buffers: the row's memory, not a copy
+            self._rows[slot] = {n: ort.OrtValue.ortvalue_from_numpy(a[slot:slot + 1]) for n, a in self._arrays.items()}
+        return self._run_in_place(feeds, self._rows[slot])
+
+    def _run_in_place(self, feeds: dict[str, np.ndarray], caches: dict) -> np.ndarray:
+        """A step with each cache (an OrtValue, or a numpy array wrapped here) bound as both its
+        input and its ``_RetainedState`` output: GroupQueryAttention writes the new rows there."""
+        io = self.session.io_binding()
+        io.bind_output("logits", "cpu")
+        for name, array in feeds.items():
+            io.bind_cpu_input(name, array)
+        for name, value in caches.items():
+            value = value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(f"{name}_RetainedState", value)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy().copy()
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         io = self.session.io_binding()

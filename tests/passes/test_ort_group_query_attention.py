@@ -1,0 +1,146 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import numpy_helper
+
+from qeff_graph.backends.ort import RetainedStateSession
+from qeff_graph.backends.ort.inplace import inplace_cache_inputs, rows_alone
+from qeff_graph.errors import PreconditionError, QeffGraphError
+from qeff_graph.passes import OrtGroupQueryAttention, PassManager
+from qeff_graph.passes import ort_group_query_attention as gqa_module
+from tests.passes.graphs import V, cache_model, run, to_ir
+
+RETAINED = ["past-shape", "position-mask", "kv-retention", "last-token-logits"]
+HEADS, HEAD_DIM, CTX = 2, 8, 16
+
+
+def _lowered(proto=None, **options):
+    manager = PassManager([*RETAINED, "ort-gqa", "ort-valid-attention", "cleanup"], verify="checker", **options)
+    result = manager(to_ir(proto or cache_model(head_dim=HEAD_DIM)))
+    stats = {e["pass"]: e["stats"] for e in manager.log}
+    return result.model, stats
+
+
+def _portable(proto=None, **options):
+    return PassManager([*RETAINED, "cleanup"], **options)(to_ir(proto or cache_model(head_dim=HEAD_DIM))).model
+
+
+def _session(model, tmp_path, rows, name="gqa.onnx"):
+    path = tmp_path / name
+    ir.save(model, path)
+    return RetainedStateSession(path, batch_size=rows, ctx_len=CTX, threads=1)
+
+
+def test_structure_one_kernel_per_layer_updating_the_cache_in_place():
+    model, stats = _lowered()
+    assert stats["ort-gqa"]["lowered"] == 1 and stats["ort-valid-attention"].get("gqa")
+    kinds = [n.op_type for n in model.graph]
+    assert kinds.count("GroupQueryAttention") == 1
+    assert not {"ScatterND", "Softmax"} & set(kinds)  # the decomposed attention and its writes are gone
+    assert inplace_cache_inputs(model) == {"past_key.0", "past_value.0"} and rows_alone(model)
+    outputs = {v.name: v for v in model.graph.outputs}
+    node = outputs["past_key.0_RetainedState"].producer()
+    assert node.op_type == "GroupQueryAttention" and node.attributes["kv_num_heads"].value == HEADS
+
+
+@pytest.mark.parametrize("first, split", [
+    ([[0, 1, 2, 3], [0, 1, -1, -1], [0, 1, 2, -1]], False),  # right-padded: the whole batch in one run
+    ([[0, 1, 2, 3], [-1, -1, 0, 1], [0, 1, 2, -1]], True),  # a left-padded row: row by row, pads dropped
+    ([[0, 1, 2, 3], [0, 1, -1, -1], [-1, -1, -1, -1]], False),  # an idle row
+])
+def test_same_logits_as_the_portable_program(first, split, tmp_path):
+    """Prefill, then decode steps (one row idle after the first): the runner over the
+    GroupQueryAttention program gives the portable program's logits for every real row."""
+    model, _ = _lowered()
+    portable = _portable()
+    session = _session(model, tmp_path, rows=3)
+    rng = np.random.default_rng(0)
+    k = np.zeros((3, HEADS, CTX, HEAD_DIM), np.float32)
+    v = k.copy()
+    pos = np.array(first)
+    steps = [(rng.integers(0, V, pos.shape), pos)]
+    nxt = pos.max(axis=1, keepdims=True) + 1
+    for _ in range(4):
+        steps.append((rng.integers(0, V, (3, 1)), np.where(pos.max(axis=1, keepdims=True) >= 0, nxt, -1)))
+        nxt += 1
+    assert session._split({"position_ids": pos}) == split
+    for ids, pos in steps:
+        want = run(portable, {"input_ids": ids, "position_ids": pos, "past_key.0": k, "past_value.0": v})
+        k, v = want["past_key.0_RetainedState"], want["past_value.0_RetainedState"]
+        got = session.run(ids, pos, phase="decode" if pos.shape[1] == 1 else "prefill")
+        rows = (pos >= 0).any(axis=1)
+        np.testing.assert_allclose(got[rows], want["logits"][rows], atol=1e-5, rtol=0)
+
+
+def test_a_chunk_reaching_past_the_cache_runs_row_by_row(tmp_path):
+    model, _ = _lowered()
+    session = _session(model, tmp_path, rows=2)
+    pos = np.array([[CTX - 3, CTX - 2, CTX - 1, -1], [0, 1, 2, 3]])  # row 0: 12 + 4 > 16 slots
+    assert session._split({"position_ids": pos})
+    assert not session._split({"position_ids": np.array([[CTX - 4, CTX - 3, CTX - 2, CTX - 1], [0, 1, 2, 3]])})
+
+
+def test_continuous_batching_prefills_one_slot(tmp_path):
+    model, stats = _lowered(continuous_batching=True)
+    assert stats["ort-gqa"]["lowered"] == 1
+    portable = _portable(continuous_batching=True)
+    session = _session(model, tmp_path, rows=3)
+    cache = {n: np.zeros((3, HEADS, CTX, HEAD_DIM), np.float32) for n in ("past_key.0", "past_value.0")}
+    steps = [(np.array([[3, 4, 5]]), np.array([[0, 1, 2]]), np.array([[2]]), "prefill"),
+             (np.array([[7, 1]]), np.array([[0, 1]]), np.array([[0]]), "prefill"),
+             (np.array([[9], [0], [6]]), np.array([[2], [-1], [3]]), np.arange(3)[:, None], "decode")]
+    for ids, pos, index, phase in steps:
+        want = run(portable, {"input_ids": ids, "position_ids": pos, "batch_index": index, **cache})
+        cache = {n: want[f"{n}_RetainedState"] for n in cache}
+        got = session.run(ids, pos, batch_index=index, phase=phase)
+        rows = (pos >= 0).any(axis=1)  # an idle slot's logits mean nothing
+        np.testing.assert_allclose(got[rows], want["logits"][rows], atol=1e-5, rtol=0)
+
+
+def test_a_bias_on_the_scores_keeps_the_valid_length_lowering():
+    proto = cache_model(head_dim=HEAD_DIM)
+    graph = proto.graph
+    add = next(n for n in graph.node if n.output[0] == "masked")
+    add.output[0] = "masked_nobias"
+    bias = np.random.default_rng(1).standard_normal((1, HEADS, 1, 1)).astype(np.float32)
+    graph.initializer.append(numpy_helper.from_array(bias, "head_bias"))
+    graph.node.insert(list(graph.node).index(add) + 1,
+                      onnx.helper.make_node("Add", ["masked_nobias", "head_bias"], ["masked"]))
+    model, stats = _lowered(proto)
+    assert stats["ort-gqa"]["lowered"] == 0 and "bias" in stats["ort-gqa"]["kept_reason"]
+    assert stats["ort-valid-attention"]["lowered"] == 1
+    assert "GroupQueryAttention" not in [n.op_type for n in model.graph]
+
+
+def test_float16_cache_under_float32_compute_is_not_lowered():
+    _, stats = _lowered(kv_dtype="float16")
+    assert stats["ort-gqa"]["lowered"] == 0 and "types" in stats["ort-gqa"]["kept_reason"]
+
+
+def test_the_numeric_check_refuses_a_kernel_that_computes_otherwise(monkeypatch):
+    """A GroupQueryAttention with another scale than the graph's is caught by running both."""
+    real = gqa_module._Layer.attributes
+
+    def wrong_scale(self):
+        return {**real.fget(self), "scale": 0.5}
+
+    monkeypatch.setattr(gqa_module._Layer, "attributes", property(wrong_scale))
+    model, stats = _lowered()
+    assert stats["ort-gqa"]["lowered"] == 0 and "differs from the attention" in stats["ort-gqa"]["kept_reason"]
+    assert "GroupQueryAttention" not in [n.op_type for n in model.graph]
+
+
+def test_requires_a_retained_program_once():
+    with pytest.raises(QeffGraphError, match="retained-state program"):
+        PassManager(["ort-gqa"])(to_ir(cache_model(head_dim=HEAD_DIM)))
+    model, _ = _lowered()
+    with pytest.raises(PreconditionError, match="already lowered"):
+        OrtGroupQueryAttention()(model)
+
+
+def test_runner_refuses_gaps_in_a_rows_positions(tmp_path):
+    model, _ = _lowered()
+    session = _session(model, tmp_path, rows=1)
+    with pytest.raises(QeffGraphError, match="consecutive positions"):
+        session.run(np.array([[1, 2, 3]]), np.array([[0, 2, 3]]), phase="prefill")
