@@ -23,9 +23,10 @@ from collections import deque
 
 import onnx_ir as ir
 
-from qeff_graph.errors import UnsupportedGraphError
+from qeff_graph.errors import PreconditionError, UnsupportedGraphError
 
-__all__ = ["KVLayer", "KVCache", "find_kv_cache", "find_io", "ModelIO", "is_weight", "depends_on"]
+__all__ = ["KVLayer", "KVCache", "find_kv_cache", "find_io", "ModelIO", "is_weight", "depends_on",
+           "require_retained"]
 
 _PASSTHROUGH = {"Identity", "Cast"}
 
@@ -298,3 +299,15 @@ def find_io(model: ir.Model, kv: KVCache | None = None) -> ModelIO:
     outputs = [o for o in graph.outputs if o not in present]
     logits = next((o for o in outputs if o.name == "logits"), outputs[0] if outputs else None)
     return ModelIO(input_ids, position_ids, attention_mask, batch_index, logits)
+
+
+def require_retained(model: ir.Model) -> tuple[KVCache, ModelIO]:
+    """``(kv, io)`` of a retained-state program with ``position_ids``; raises
+    :class:`~qeff_graph.errors.PreconditionError` otherwise (what the ORT lowerings require)."""
+    kv = find_kv_cache(model)
+    if not kv.retained:
+        raise PreconditionError("needs a retained-state program (run kv-retention first)")
+    io = find_io(model, kv)
+    if io.position_ids is None:
+        raise PreconditionError("the program has no position_ids input")
+    return kv, io

@@ -59,7 +59,7 @@ import onnx_ir as ir
 
 from qeff_graph.backends.ort.inplace import inplace_cache_inputs
 from qeff_graph.errors import PreconditionError, UnsupportedGraphError
-from qeff_graph.ir.analysis import find_io, find_kv_cache
+from qeff_graph.ir.analysis import find_io, find_kv_cache, require_retained
 from qeff_graph.ir.attention import (
     AttentionSite,
     _Finder,
@@ -139,11 +139,7 @@ class OrtGroupQueryAttention(ir.passes.InPlacePass):
         self.stats: dict = {}
 
     def requires(self, model: ir.Model) -> None:
-        kv = find_kv_cache(model)
-        if not kv.retained:
-            raise PreconditionError("needs a retained-state program (run kv-retention first)")
-        if find_io(model, kv).position_ids is None:
-            raise PreconditionError("the program has no position_ids input")
+        require_retained(model)
         if has_group_query_attention(model) or any(
                 is_qeff_node(n) and n.name.startswith("qeff/ort-valid-attention/") for n in model.graph):
             raise PreconditionError("the attention is already lowered to ONNX Runtime")

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from qeff_graph.backends.ort.inplace import inplace_cache_inputs
 from qeff_graph.errors import PreconditionError
-from qeff_graph.ir.analysis import depends_on, find_io, find_kv_cache
+from qeff_graph.ir.analysis import depends_on, find_io, find_kv_cache, require_retained
 from qeff_graph.ir.attention import (
     AttentionSite,
     _Finder,
@@ -69,11 +69,7 @@ class OrtValidAttention(ir.passes.InPlacePass):
     """
 
     def requires(self, model: ir.Model) -> None:
-        kv = find_kv_cache(model)
-        if not kv.retained:
-            raise PreconditionError("needs a retained-state program (run kv-retention first)")
-        if find_io(model, kv).position_ids is None:
-            raise PreconditionError("the program has no position_ids input")
+        require_retained(model)
         if any(v.name == VALID_LENGTH for n in model.graph for v in n.outputs):
             raise PreconditionError("the attention is already lowered to the valid length")
 

@@ -144,3 +144,62 @@ def test_runner_refuses_gaps_in_a_rows_positions(tmp_path):
     session = _session(model, tmp_path, rows=1)
     with pytest.raises(QeffGraphError, match="consecutive positions"):
         session.run(np.array([[1, 2, 3]]), np.array([[0, 2, 3]]), phase="prefill")
+
+
+def _llama_programs(tmp_path):
+    """(portable, lowered, ort-gqa stats) of the Optimum tiny llama export (a third-party exporter)."""
+    from tests.e2e.conftest import OPTIMUM
+
+    source = OPTIMUM["llama"] / "optimum" / "model.onnx"
+    names = ["past-shape", "position-mask", "kv-retention", "last-token-logits", "custom-rmsnorm"]
+    portable = PassManager([*names, "cleanup"])(ir.load(source)).model
+    manager = PassManager([*names, "ort-skip-norm", "ort-gqa", "ort-valid-attention", "cleanup"], target="ort")
+    lowered = manager(ir.load(source)).model
+    return portable, lowered, next(e["stats"] for e in manager.log if e["pass"] == "ort-gqa")
+
+
+def _compare_llama(portable, lowered, tmp_path):
+    """A right-padded prefill of 2 rows and 3 decode steps: same logits as the portable program."""
+    heads = {v.name: v.shape for v in portable.graph.inputs if v.name.startswith("past_key.")}
+    (kv_heads, head_dim) = next((s[1], s[3]) for s in heads.values())
+    ir.save(lowered, tmp_path / "gqa.onnx")
+    session = RetainedStateSession(tmp_path / "gqa.onnx", batch_size=2, ctx_len=32, threads=1)
+    cache = {f"past_{kind}.{i}": np.zeros((2, kv_heads, 32, head_dim), np.float32)
+             for i in range(len(heads)) for kind in ("key", "value")}
+    rng = np.random.default_rng(5)
+    pos = np.array([[0, 1, 2, 3, 4], [0, 1, 2, -1, -1]])
+    steps = [(rng.integers(1, 100, pos.shape), pos)]
+    for step in range(3):
+        steps.append((rng.integers(1, 100, (2, 1)), np.array([[5 + step], [3 + step]])))
+    for ids, pos in steps:
+        want = run(portable, {"input_ids": ids, "position_ids": pos, **cache})
+        cache = {n: want[f"{n}_RetainedState"] for n in cache}
+        got = session.run(ids, pos, phase="decode" if pos.shape[1] == 1 else "prefill")
+        np.testing.assert_allclose(got, want["logits"], atol=1e-4, rtol=0)
+
+
+def test_rotary_goes_into_the_kernel_with_the_same_logits(tmp_path):
+    portable, lowered, stats = _llama_programs(tmp_path)
+    assert stats["lowered"] == stats["layers"] == stats["rotary"] == 2
+    kinds = [n.op_type for n in lowered.graph]
+    assert "Neg" not in kinds and kinds.count("GroupQueryAttention") == 2  # rotate_half went into the kernel
+    node = next(n for n in lowered.graph if n.op_type == "GroupQueryAttention")
+    assert node.attributes["do_rotary"].value == 1 and node.inputs[7] is not None
+    _compare_llama(portable, lowered, tmp_path)
+
+
+def test_rotary_tables_the_kernel_would_misread_keep_the_graphs_rotary(tmp_path, monkeypatch):
+    """If the tables the kernel got were not the graph's (here: shifted by one position), the
+    numeric check refuses the rotary reading and the layer keeps the graph's rotary."""
+    real = gqa_module._rotary_caches
+
+    def shifted(cos, sin, batch, seq, head_dim, total):
+        caches = real(cos, sin, batch, seq, head_dim, total)
+        return {**caches, "cos_cache": np.roll(caches["cos_cache"], 1, axis=0)}
+
+    monkeypatch.setattr(gqa_module, "_rotary_caches", shifted)
+    portable, lowered, stats = _llama_programs(tmp_path)
+    assert stats["lowered"] == 2 and stats["rotary"] == 0
+    assert "Neg" in [n.op_type for n in lowered.graph]  # the graph's own rotate_half stays
+    monkeypatch.undo()
+    _compare_llama(portable, lowered, tmp_path)
