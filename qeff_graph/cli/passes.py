@@ -24,7 +24,8 @@ def run(args) -> int:
             body = inspect.getdoc(registry.get(name)) or ""
             print("\n".join("    " + line for line in body.splitlines()[1:]).rstrip() + "\n")
     notes = {"retained-kv": "fp16-clamp only with --kv-dtype float16; matmul-nbits only with --mxfp6 / "
-                            "--weight-bits",
+                            "--weight-bits; ort-skip-norm and ort-gqa only on the ort backend with --ort-lowering 2 "
+                            "(the default), ort-valid-attention with 1 or 2",
              "encoder": "pooling only with a pooling mode; ort-fuse-encoder only on the ort backend"}
     for pipeline, names in PIPELINES.items():
         print(f"\npipeline {pipeline}: " + " -> ".join(names) + f" ({notes.get(pipeline, '')})")
