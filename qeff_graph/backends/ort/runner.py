@@ -200,26 +200,24 @@ class RetainedStateSession:
     def _run_in_place(self, feeds: dict[str, np.ndarray], caches: dict) -> np.ndarray:
         """A step with each cache (an OrtValue, or a numpy array wrapped here) bound as both its
         input and its ``_RetainedState`` output: GroupQueryAttention writes the new rows there."""
-        io = self.session.io_binding()
-        io.bind_output("logits", "cpu")
-        for name, array in feeds.items():
-            io.bind_cpu_input(name, array)
-        for name, value in caches.items():
-            value = value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(f"{name}_RetainedState", value)
-        self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy().copy()
+        caches = {n: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for n, v in caches.items()}
+        return self._run_binding(feeds, caches, caches)
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        logits = self._run_binding(feeds, self._bound, self._spare)
+        self._bound, self._spare = self._spare, self._bound
+        return logits
+
+    def _run_binding(self, feeds: dict[str, np.ndarray], inputs: dict[str, ort.OrtValue],
+                     outputs: dict[str, ort.OrtValue]) -> np.ndarray:
+        """One run with ``feeds`` copied in, each cache read from ``inputs[name]`` and written to
+        ``outputs[name]`` (the same OrtValue: in place); returns the logits, detached."""
         io = self.session.io_binding()
         io.bind_output("logits", "cpu")
         for name, array in feeds.items():
             io.bind_cpu_input(name, array)
-        for name, value in self._bound.items():
+        for name, value in inputs.items():
             io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(f"{name}_RetainedState", self._spare[name])
+            io.bind_ortvalue_output(f"{name}_RetainedState", outputs[name])
         self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy().copy()  # detach from the binding's buffer
-        self._bound, self._spare = self._spare, self._bound
-        return logits
+        return io.get_outputs()[0].numpy().copy()  # detach from the binding's buffer
