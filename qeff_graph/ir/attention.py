@@ -46,7 +46,7 @@ from qeff_graph.errors import UnsupportedGraphError
 from qeff_graph.ir.analysis import KVCache, find_kv_cache, is_weight
 from qeff_graph.ir.build import is_qeff_node
 
-__all__ = ["AttentionSite", "Leaf", "Term", "describe_node", "find_attention_sites", "scalar_value", "is_fill", "MASK_FILL_MAX",
+__all__ = ["AttentionSite", "Leaf", "ShapeReader", "Term", "describe_node", "find_attention_sites", "scalar_value", "is_fill", "MASK_FILL_MAX",
            "infer_symbolic_shapes"]
 
 # A fill value at or below this is a mask (exp(-1e4) == 0 in fp32); torch uses finfo.min or -inf.
@@ -202,11 +202,11 @@ def _consumers(value: ir.Value) -> list[tuple[ir.Node, int]]:
             if u.node.op_type not in _SHAPE_READS and not (u.node.op_type == "CastLike" and u.idx == 1)]
 
 
-class _Finder:
-    def __init__(self, model: ir.Model, kv: KVCache):
+class ShapeReader:
+    """The dims of a model's values, its symbolic shape inference run once, when first needed."""
+
+    def __init__(self, model: ir.Model):
         self.model = model
-        self.kv = kv
-        self.outputs = set(model.graph.outputs)
         self._inferred: dict[str, list] | None = None
 
     def dims(self, value: ir.Value) -> list | None:
@@ -218,6 +218,13 @@ class _Finder:
         if self._inferred is None:
             self._inferred = infer_symbolic_shapes(self.model)
         return self._inferred.get(value.name, known)
+
+
+class _Finder(ShapeReader):
+    def __init__(self, model: ir.Model, kv: KVCache):
+        super().__init__(model)
+        self.kv = kv
+        self.outputs = set(model.graph.outputs)
 
     def keeps_key_axis(self, node: ir.Node) -> bool:
         """A Reshape/Transpose on the scores that provably keeps the last (key) axis last."""

@@ -59,12 +59,13 @@ import onnx_ir as ir
 
 from qeff_graph.backends.ort.inplace import inplace_cache_inputs
 from qeff_graph.errors import PreconditionError, UnsupportedGraphError
-from qeff_graph.ir.analysis import find_io, find_kv_cache, require_retained
+from qeff_graph.ir.analysis import depends_on, find_io, find_kv_cache, require_retained
 from qeff_graph.ir.attention import (
     AttentionSite,
     _Finder,
     describe_node,
     find_attention_sites,
+    is_shape_scalar,
     scalar_value,
 )
 from qeff_graph.ir.build import Builder, is_qeff_node
@@ -382,9 +383,6 @@ def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: b
     width]`` that does not depend on the positions, the position-dependent operands of the
     ``Mul``s on the way (the rotary tables) and the scalar factors; None if the walk meets anything
     else, or more than one such value."""
-    from qeff_graph.ir.analysis import depends_on
-    from qeff_graph.ir.attention import is_shape_scalar
-
     positions = {io.position_ids}
     tokens = {io.input_ids}
     start_dims = finder.dims(start)  # [batch, heads, seq, head_dim]: the projection is [batch, seq, width]

@@ -22,7 +22,7 @@ import logging
 
 import onnx_ir as ir
 
-from qeff_graph.ir.attention import infer_symbolic_shapes
+from qeff_graph.ir.attention import ShapeReader
 from qeff_graph.ir.build import Builder, is_qeff_node
 from qeff_graph.passes.registry import register
 
@@ -43,8 +43,7 @@ class OrtSkipNorm(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self._shapes = None
-        self._model = model
+        self._shapes = ShapeReader(model)
         b = Builder(model.graph, "ort-skip-norm")
         fused = 0
         for norm in list(model.graph):
@@ -72,7 +71,7 @@ class OrtSkipNorm(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(fused))
 
     def ensures(self, model: ir.Model) -> None:
-        self._shapes, self._model = None, model
+        self._shapes = ShapeReader(model)
         left = [n.name for n in model.graph if self._match(n) is not None]
         if left:
             raise ir.passes.PostconditionError(f"ort-skip-norm left {left[0]} unfused")
@@ -91,8 +90,8 @@ class OrtSkipNorm(ir.passes.InPlacePass):
             return None
         if cast is not None and cast.attributes.get_int("to", 0) != (add.outputs[0].dtype or add.inputs[0].dtype):
             return None  # only a Cast to the sum's own type (a no-op) may sit between
-        gamma_dims = self._dims(gamma)
-        dims = [self._dims(v) for v in (*add.inputs, add.outputs[0])]
+        gamma_dims = self._shapes.dims(gamma)
+        dims = [self._shapes.dims(v) for v in (*add.inputs, add.outputs[0])]
         if gamma_dims is None or len(gamma_dims) != 1 or not isinstance(gamma_dims[0], int):
             return None
         if any(d is None or len(d) != 3 or None in d for d in dims) or not dims[0] == dims[1] == dims[2]:
@@ -102,10 +101,3 @@ class OrtSkipNorm(ir.passes.InPlacePass):
         if add.inputs[0].dtype != add.inputs[1].dtype or add.inputs[0].dtype != gamma.dtype:
             return None
         return add, gamma, norm.attributes.get_float("epsilon", 1e-5)
-
-    def _dims(self, value: ir.Value) -> list | None:
-        if value.shape is not None and all(isinstance(d, int) or d.value for d in value.shape.dims):
-            return [d if isinstance(d, int) else d.value for d in value.shape.dims]
-        if self._shapes is None:
-            self._shapes = infer_symbolic_shapes(self._model)
-        return self._shapes.get(value.name)
