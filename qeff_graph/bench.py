@@ -18,7 +18,8 @@ ctx_len is only the bound the run was checked against).
 
 Our variants (``--variants``): ``fp32`` (the retained-KV program), ``numpy`` (same program,
 numpy feeds instead of IO binding), ``kv-fp16`` (float16 KV cache), ``int8`` (``--mxfp6`` on
-ort: 8-bit MatMulNBits weights), ``int4`` (4-bit weights), ``fp32-valid``/``int4-valid`` (the same
+ort: 8-bit MatMulNBits weights), ``int4`` (4-bit weights), ``int4-l4`` (4-bit weights with
+int8 compute, ``--accuracy-level 4``: the program ``self-int4`` drafts with), ``fp32-valid``/``int4-valid`` (the same
 programs lowered without GroupQueryAttention: ``ort_lowering=1``), and speculative decoding with the
 fp32 program compiled with ``--num-speculative-tokens K``: ``spec-lookup`` (prompt lookup),
 ``spec-int4`` (self-speculation: the int4 program drafts) and ``spec-draft`` (the draft given
@@ -61,6 +62,7 @@ VARIANTS: dict[str, tuple[dict, dict, str | None]] = {
     "kv-fp16": ({"kv_dtype": "float16"}, {}, None),
     "int8": ({"mxfp6_matmul": True}, {}, None),
     "int4": ({"weight_bits": 4}, {}, None),
+    "int4-l4": ({"weight_bits": 4, "accuracy_level": 4}, {}, None),  # int8 compute: self-int4's draft program
     "fp32-valid": ({"ort_lowering": 1}, {}, None),  # attention over the valid length, no GroupQueryAttention
     "int4-valid": ({"weight_bits": 4, "ort_lowering": 1}, {}, None),
     "spec-lookup": ({}, {}, "prompt-lookup"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qeff_graph.cli.options import HelpFormatter, add, add_program_options, spec_options
+from qeff_graph.cli.options import HelpFormatter, add, add_accuracy_level, add_program_options, spec_options
 
 HELP = "rewrite an exported ONNX causal LM into the retained-KV program directory"
 
@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     add(p, "--weight-bits", type=int, choices=[4, 8], default=None,
         help="add matmul-nbits: weight-only 4/8-bit MatMulNBits for ONNX Runtime (what --mxfp6 "
         "means on the ort backend); 4 on an export of a GGUF model carries the GGUF's own blocks")
+    add_accuracy_level(p)
     add(p, "--passes", default=None, metavar="a,b,c",
         help="comma-separated registered pass names replacing the default pipeline "
         "(see `qeff-graph passes`)")

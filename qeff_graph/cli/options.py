@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 
 __all__ = ["HelpFormatter", "add", "add_compression_options", "add_program_options", "add_qaic_options",
-           "add_run_options", "check_run_outputs", "device_group", "positive_int", "positive_ints",
+           "add_run_options", "add_accuracy_level", "check_run_outputs", "device_group", "positive_int", "positive_ints",
            "spec_options", "read_prompts", "read_texts", "SPEC_ARGS"]
 
 # argparse dests that are ProgramSpec fields
 SPEC_ARGS = ("ctx_len", "prompt_len", "batch_size", "full_batch_size", "kv_dtype", "weight_bits", "passes",
              "backend", "num_cores", "mxfp6", "mxint8", "mos", "aic_enable_depth_first", "device_group",
-             "aic_hw_version", "num_speculative_tokens", "ort_lowering")
+             "aic_hw_version", "num_speculative_tokens", "ort_lowering", "accuracy_level")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -93,6 +93,15 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
     add(parser, "--weight-bits", type=int, choices=[4, 8], default=None,
         help="ort: quantize matmul weights to 4 or 8 bits (the matmul-nbits pass; --mxfp6 means 8); 4 on a "
         "GGUF model carries the GGUF's own blocks (exact)")
+    add_accuracy_level(parser)
+
+
+def add_accuracy_level(parser: argparse.ArgumentParser) -> None:
+    """MatMulNBits' accuracy_level for --weight-bits programs."""
+    add(parser, "--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
+        help="with --weight-bits: how MatMulNBits computes; 1 float compute, exactly the weights written "
+        "(default); 4 int8 activations, faster but moves greedy text (SmolLM2 int4: 96.6%% of next tokens "
+        "equal fp32's); 0/2/3 as ONNX Runtime defines them")
 
 
 def add_qaic_options(parser, *, num_cores_help: str) -> None:

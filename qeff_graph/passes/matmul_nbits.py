@@ -82,6 +82,7 @@ MS_DOMAIN = "com.microsoft"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 _OWN = f"{QEFF_PREFIX}matmul-nbits/"  # names of the nodes this pass writes
 AUTO_LEVEL = 1  # accuracy_level="auto" (measured, module docstring)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level attribute
 
 
 def _const_2d(value: ir.Value | None) -> ir.TensorProtocol | None:
@@ -201,7 +202,7 @@ class MatMulNBits(ir.passes.InPlacePass):
         if block_size < 16 or block_size & (block_size - 1):
             raise QeffGraphError(f"matmul-nbits: block_size must be a power of two >= 16, got "
                                  f"{block_size}; use e.g. block_size=32")
-        if accuracy_level not in ("auto", None, 0, 1, 2, 3, 4):
+        if accuracy_level not in ("auto", None, *ACCURACY_LEVELS):
             raise QeffGraphError(f"matmul-nbits: accuracy_level must be 0-4, None or 'auto', got {accuracy_level!r}")
         self.weight_bits, self.block_size = weight_bits, block_size
         self.accuracy_level, self.min_elements = accuracy_level, min_elements

@@ -42,7 +42,7 @@ QAIC_DEFAULT_CORES = 16
 ENCODER_SEQ_LEN = 128  # the encoder's seq_len specialization when none is given
 # fields that change model.onnx (the rest only change specializations, IO precisions, backend files)
 GRAPH_FIELDS = ("kind", "kv_dtype", "weight_bits", "passes", "sliding_window", "full_batch_size", "pooling",
-                "normalize", "num_speculative_tokens", "weight_scheme", "ort_lowering")
+                "normalize", "num_speculative_tokens", "weight_scheme", "ort_lowering", "accuracy_level")
 # how weight_bits quantizes (matmul-nbits): 4 = as 3, with the MatMuls of one input packed into one
 # MatMulNBits (Q/K/V, gate/up); 3 = blocks with a float minimum, a GGUF export's own blocks carried,
 # float compute (issue 11); 1 = symmetric re-quantization, int8 compute (programs built before: their
@@ -56,7 +56,7 @@ ORT_LOWERING = 2
 ORT_LOWERINGS = (0, 1, 2)
 # causal-LM options an encoder program must leave at their defaults
 _CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "weight_bits", "mxint8",
-                "num_speculative_tokens")
+                "num_speculative_tokens", "accuracy_level")
 QAIC_FIELDS = ("num_cores", "mos", "aic_enable_depth_first", "device_group", "aic_hw_version")
 
 
@@ -105,6 +105,9 @@ class ProgramSpec:
     num_speculative_tokens: int | None = None  # K: a verify step of K+1 tokens (speculative decoding)
     weight_scheme: int | None = None  # set from weight_bits: WEIGHT_SCHEME (older manifests: 1)
     ort_lowering: int | None = None  # on ort: ORT_LOWERING (0: portable; older manifests: 0); qaic: None
+    # MatMulNBits compute (with weight_bits): None = matmul-nbits' measured default (1, float compute:
+    # exactly the weights written); 4 = int8 activations, faster, moves greedy text (speculative drafts)
+    accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__.__get__(self)  # frozen: normalize in place, once
@@ -162,6 +165,7 @@ class ProgramSpec:
                 set_("weight_bits", 8)
         elif self.weight_bits is not None:
             raise QeffGraphError("--weight-bits applies to --backend ort; qaic compresses weights with --mxfp6")
+        self._check_accuracy_level(set_)
         if self.weight_bits is None or self.weight_scheme is None:
             set_("weight_scheme", None if self.weight_bits is None else WEIGHT_SCHEME)
         if self.backend != "ort":
@@ -173,6 +177,21 @@ class ProgramSpec:
         elif self.ort_lowering not in ORT_LOWERINGS:
             raise QeffGraphError(f"ort_lowering must be 0 (portable graph), 1 (valid-length attention) or 2 "
                                  f"(GroupQueryAttention where proven), got {self.ort_lowering!r}")
+
+    def _check_accuracy_level(self, set_) -> None:
+        from qeff_graph.passes.matmul_nbits import ACCURACY_LEVELS, AUTO_LEVEL
+
+        level = self.accuracy_level
+        if level is None:
+            return
+        if level not in ACCURACY_LEVELS or isinstance(level, bool):
+            raise QeffGraphError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, got "
+                                 f"{level!r} (1: float compute, the default; 4: int8 compute, faster)")
+        if self.weight_bits is None:
+            raise QeffGraphError(f"--accuracy-level {level} sets how quantized weights compute; add --weight-bits "
+                                 "4 or 8 (or drop it)")
+        if level == AUTO_LEVEL:
+            set_("accuracy_level", None)  # the default: one cache key for "1" and "not given"
 
     def _check_kind(self, set_) -> None:
         from qeff_graph.passes.pooling import POOLING_MODES
@@ -231,6 +250,8 @@ class ProgramSpec:
                        sliding_window=sliding_window)
         if self.weight_bits is not None:
             options["weight_bits"] = self.weight_bits
+        if self.accuracy_level is not None:
+            options["accuracy_level"] = self.accuracy_level
         if self.num_speculative_tokens is not None:
             options["num_speculative_tokens"] = self.num_speculative_tokens
         if self.ort_lowering:  # RMSNorm as ONNX Runtime's kernel (custom-rmsnorm's "ort" target)
@@ -325,6 +346,8 @@ class ProgramSpec:
             d.pop("weight_scheme")
         if d["ort_lowering"] is None:  # and for qaic programs
             d.pop("ort_lowering")
+        if d["accuracy_level"] is None:  # and for the default compute
+            d.pop("accuracy_level")
         return d
 
     def graph_options(self) -> dict:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
 import qeff_graph as qg
 from qeff_graph.backends.ort import RetainedStateSession
 from qeff_graph.errors import QeffGraphError
 from qeff_graph.generation import PromptLookup, generate_ids
-from qeff_graph.models.causal_lm import make_drafter, resolve_draft
+from qeff_graph.models.causal_lm import SELF_DRAFT_ACCURACY_LEVEL, make_drafter, resolve_draft
 from tests.e2e.conftest import prompts
 from tests.helpers import qeff_home, run_cli
 
@@ -145,6 +146,10 @@ def test_api_drafts_and_tokenizer_check(tmp_path):
     assert "drafter" not in plain.perf
     int4 = model.draft_program("self-int4")
     assert int4.spec.weight_bits == 4 and int4.spec.num_speculative_tokens is None
+    # a draft only proposes: int8 compute (faster, not exact) is what it is built with
+    assert int4.spec.accuracy_level == SELF_DRAFT_ACCURACY_LEVEL == 4
+    graph = onnx.load(int4.path / "model.onnx", load_external_data=False).graph
+    assert {onnx.helper.get_node_attr_value(n, "accuracy_level") for n in graph.node if n.op_type == "MatMulNBits"} == {4}
     for draft, name in [(None, "prompt-lookup"), ("prompt-lookup", "prompt-lookup"), ("self-int4", "self-int4"),
                         (str(int4.path), "self-int4"), (int4, "self-int4")]:
         out = model.generate(prompts=texts, generation_len=N, draft=draft)

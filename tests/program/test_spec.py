@@ -80,6 +80,23 @@ def test_graph_options_ignore_shapes_and_backend():
     assert ProgramSpec.from_dict({**old, "ort_lowering": None}).ort_lowering == 0
 
 
+def test_accuracy_level():
+    # MatMulNBits' compute: a graph option of quantized programs; the default (1) keeps the old keys
+    base = ProgramSpec(weight_bits=4)
+    fast = ProgramSpec(weight_bits=4, accuracy_level=4)
+    assert ProgramSpec(weight_bits=4, accuracy_level=1) == base and base.accuracy_level is None
+    assert "accuracy_level" not in base.artifact_options() and "accuracy_level" not in base.pass_options(None)
+    assert fast.pass_options(None)["accuracy_level"] == 4
+    assert fast.graph_options() != base.graph_options() and fast.cache_key(m="m") != base.cache_key(m="m")
+    assert ProgramSpec.from_dict(fast.to_dict()) == fast
+    with pytest.raises(QeffGraphError, match="add --weight-bits"):
+        ProgramSpec(accuracy_level=4)
+    with pytest.raises(QeffGraphError, match="--accuracy-level must be one of 0, 1, 2, 3, 4"):
+        ProgramSpec(weight_bits=4, accuracy_level=5)
+    with pytest.raises(QeffGraphError, match="appl.* to causal-LM"):
+        ProgramSpec(kind="encoder", accuracy_level=4)
+
+
 def test_manifest_round_trip_and_continuous_batching():
     spec = ProgramSpec(full_batch_size=4, passes="past-shape, position-mask", device_group=[0])
     assert spec.passes == ("past-shape", "position-mask") and spec.rows == 4
