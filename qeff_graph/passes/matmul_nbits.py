@@ -16,10 +16,10 @@ notes/ORT_FAST_PATH.md). Where the blocks come from (:mod:`qeff_graph.passes.wei
   must be the exact dequantization of a tensor in that GGUF — rows in any order (transformers
   permutes llama's q/k rows) or a subset of its rows; matched by row digests, then checked bit
   for bit — else the pass refuses with one line; that tensor's own blocks are carried:
-  ``Q4_0``/``Q4_1`` as 4-bit, ``Q8_0`` as 8-bit (an 8-bit tensor stays 8-bit: SmolLM2's tied
-  embedding/LM head). The program then computes with exactly the GGUF's weights. Tensors of
-  another type (F32, F16, K-quants...) are quantized from the float weights as above and listed
-  in one progress line.
+  ``Q4_0``/``Q4_1``/``Q4_K`` as 4-bit, ``Q8_0``/``Q5_0``/``Q5_1``/``Q5_K``/``Q6_K`` as 8-bit (blocks of
+  16 for ``Q6_K``; an 8-bit tensor stays 8-bit: SmolLM2's tied embedding/LM head). The program
+  then computes with exactly the GGUF's weights. Tensors of another type (F32, F16, ``Q2_K``,
+  ``Q3_K``, ``IQ*``) are quantized from the float weights as above and listed in one progress line.
 
 MatMuls that read the same ``A`` (the Q/K/V projections, gate/up) and whose weights have the same
 block form and no other use are **packed**: one ``MatMulNBits`` over their blocks stacked along

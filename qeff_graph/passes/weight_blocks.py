@@ -19,8 +19,13 @@ in GGUF's ``Q4_1``) has no MatMulNBits input: the pass adds it as ``(x summed pe
   fused tensors are split by rows; blocks run along K so rows carry over whole), and carry its
   blocks: ``Q4_0`` → 4-bit (zero point 8), ``Q4_1`` → 4-bit with ``mins`` (``d*q + m`` =
   ``(q - 8)*d + (m + 8d)``, exact when ``m + 8d`` is a float32, else zero point 0 and ``m``),
-  ``Q8_0`` → 8-bit (zero point 128). :meth:`Blocks.dequantize` then equals the GGUF's own
-  dequantization (``gguf.dequantize``, what transformers loads) bit for bit.
+  ``Q8_0`` → 8-bit (zero point 128); ``Q5_0``/``Q5_1`` → 8-bit blocks of 32 (codes moved onto
+  zero point 128, ``Q5_1`` with ``mins``); the K-quants ``Q4_K`` → 4-bit and ``Q5_K`` → 8-bit blocks
+  of 32 with ``mins`` (scale ``d*sc``, minimum ``-dmin*m`` per block of the super-block), ``Q6_K``
+  → 8-bit blocks of 16 (scale ``d*sc``, int8 ``sc``: it may be negative). :meth:`Blocks.dequantize`
+  then equals the GGUF's own dequantization (``gguf.dequantize``, what transformers loads) bit
+  for bit. Not carried (re-quantized from the float weights, listed by the pass): ``Q2_K``,
+  ``Q3_K``, the ``IQ*`` types, ``F16``/``BF16``/``F32``.
 """
 
 from __future__ import annotations
@@ -205,30 +210,98 @@ def _codes4(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian float16 bytes ``[..., 2]`` → float32 ``[...]``."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
+    """ggml's 5th code bit of ``count`` elements from the 4 bytes ``qh`` (a little-endian uint32)
+    → ``[..., count]`` of 0/1."""
+    word = np.ascontiguousarray(qh).view("<u4")
+    return ((word >> np.arange(count, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _centered(codes: np.ndarray, scale: np.ndarray, center: int, bits: int, k: int) -> Blocks:
+    """``scale * (code - center)``: codes moved onto ORT's default zero point ``2^(bits-1)`` (no
+    zero-point input, the kernels' symmetric path); exact, ``code - center`` being a small integer."""
+    q = (codes.astype(np.int16) - center + 2 ** (bits - 1)).astype(np.uint8)
+    return Blocks(q, scale, bits, k)
+
+
 def _carry(type_name: str, raw: np.ndarray, k: int) -> Blocks | None:
-    """GGUF rows ``raw`` (uint8 ``[N, bytes]``) of a carried type (``Q8_0``, ``Q4_0``, ``Q4_1``:
-    blocks of 32 along K) → :class:`Blocks`; None for another type."""
+    """GGUF rows ``raw`` (uint8 ``[N, bytes]``) of a carried type → :class:`Blocks`; None for
+    another type. Codes are unpacked as ``gguf.quants`` does; per-block scales (and minima) are the
+    float32 products it computes, so :meth:`Blocks.dequantize` equals ``gguf.dequantize`` bit for
+    bit (the pass checks it). 4-bit codes stay 4-bit; 5- and 6-bit codes go into 8-bit blocks.
+
+    ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1`` (blocks of 32); the K-quants ``Q4_K``,
+    ``Q5_K`` (super-blocks of 256: 8 blocks of 32, 6-bit scales and minima) and ``Q6_K`` (16
+    blocks of 16, int8 scales)."""
     n = raw.shape[0]
     if type_name == "Q8_0":
         b = raw.reshape(n, -1, 34)
-        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
         q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return Blocks(q, d, 8, k)
+        return Blocks(q, _f16(b[..., 0:2]), 8, k)
     if type_name == "Q4_0":
         b = raw.reshape(n, -1, 18)
-        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        return Blocks(_codes4(b[..., 2:]), d, 4, k)
+        return Blocks(_codes4(b[..., 2:]), _f16(b[..., 0:2]), 4, k)
     if type_name == "Q4_1":
         b = raw.reshape(n, -1, 20)
-        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = _codes4(b[..., 4:])
-        shifted = m + np.float32(8) * d  # d*q + m == (q - 8)*d + (m + 8d) when m + 8d is exact
-        exact = shifted.astype(np.float64) == m.astype(np.float64) + 8 * d.astype(np.float64)
-        if exact.all():
-            return Blocks(q, d, 4, k, mins=shifted)
-        return Blocks(q, d, 4, k, zero_points=np.zeros(d.shape, np.uint8), mins=m)
+        return _min_form(_codes4(b[..., 4:]), _f16(b[..., 0:2]), _f16(b[..., 2:4]), 4, 4, k)
+    if type_name == "Q5_0":
+        b = raw.reshape(n, -1, 22)
+        codes = _codes4(b[..., 6:]) | (_high_bits(b[..., 2:6], 32) << 4)
+        return _centered(codes, _f16(b[..., 0:2]), 16, 8, k)
+    if type_name == "Q5_1":
+        b = raw.reshape(n, -1, 24)
+        codes = _codes4(b[..., 8:]) | (_high_bits(b[..., 4:8], 32) << 4)
+        return _min_form(codes, _f16(b[..., 0:2]), _f16(b[..., 2:4]), 5, 8, k)
+    if type_name in ("Q4_K", "Q5_K"):
+        b = raw.reshape(n, -1, 144 if type_name == "Q4_K" else 176)
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, m = _k_scales(b[..., 4:16])
+        scale = (d * sc.astype(np.float32)).reshape(n, -1)  # [N, super * 8]: one per block of 32
+        minimum = -(dmin * m.astype(np.float32)).reshape(n, -1)
+        qs = b[..., -128:].reshape(n, -1, 4, 32)  # per super-block: 4 groups of 32 bytes, 2 blocks each
+        codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, -1, 32)
+        if type_name == "Q4_K":
+            return _min_form(codes, scale, minimum, 4, 4, k)
+        qh = b[..., 16:48].reshape(n, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+        codes = codes | ((qh & 1).reshape(n, -1, 32) << 4)
+        return _min_form(codes, scale, minimum, 5, 8, k)
+    if type_name == "Q6_K":
+        b = raw.reshape(n, -1, 210)
+        ql = b[..., :128].reshape(n, -1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        qh = b[..., 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+        codes = (ql & 0x0F).reshape(n, -1, 8, 32) | ((qh & 0x03).reshape(n, -1, 8, 32) << 4)
+        scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
+        return _centered(codes.reshape(n, -1, 16), scale.reshape(n, -1), 32, 8, k)
     return None
+
+
+def _min_form(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, code_bits: int, bits: int,
+              k: int) -> Blocks:
+    """``scale * code + minimum`` (codes ``0 .. 2^code_bits - 1``) as ``(code - c) * scale +
+    (minimum + c * scale)``, ``c = 2^(code_bits-1)``, on ORT's default zero point (no zero-point
+    input: the kernels' symmetric path) when that shifted minimum is exact in float32 (both forms
+    then round the same real number: bit-equal); else zero point 0 and ``minimum`` as it is."""
+    center = 2 ** (code_bits - 1)
+    shifted = minimum + np.float32(center) * scale
+    exact = shifted.astype(np.float64) == minimum.astype(np.float64) + center * scale.astype(np.float64)
+    if exact.all():
+        blocks = _centered(codes, scale, center, bits, k)
+        blocks.mins = shifted
+        return blocks
+    return Blocks(codes.astype(np.uint8), scale, bits, k, zero_points=np.zeros(scale.shape, np.uint8), mins=minimum)
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 scale bytes of a ``Q4_K``/``Q5_K`` super-block → eight 6-bit scales and minima."""
+    d, m, md = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
 
 
 class GGUFWeights:

@@ -391,3 +391,77 @@ def test_a_weight_read_elsewhere_is_not_packed():
     p(model)
     assert p.stats["packed"] == 2  # q and v; k's float weight is still needed
     assert sorted(n.attributes["N"].value for n in model.graph if n.op_type == "MatMulNBits") == [16, 64, 80]
+
+
+# ---- other GGUF block types: 5-bit, K-quants --------------------------------------------------
+# bytes per block, values per block, byte offsets of the float16 scale (and minimum) fields
+_LAYOUTS = {"Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)), "Q4_K": (144, 256, (0, 2)),
+            "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,))}
+
+
+def _random_rows(rng, type_name: str, n: int, k: int) -> np.ndarray:
+    """Random ggml blocks of ``type_name`` (``[n, bytes]``) with small positive float16 scales
+    (gguf writes no K-quants itself)."""
+    size, per, fields = _LAYOUTS[type_name]
+    raw = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
+    for off in fields:
+        raw[..., off:off + 2] = (rng.random((n, k // per)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8).reshape(
+            n, k // per, 2)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("type_name", list(_LAYOUTS))
+def test_gguf_block_types_dequantize_bit_for_bit(type_name):
+    """Each carried type's blocks give gguf's own dequantization exactly (8-bit ones as halves too)."""
+    import gguf
+
+    from qeff_graph.passes.weight_blocks import _carry
+
+    raw = _random_rows(np.random.default_rng(5), type_name, 6, 512)
+    want = np.asarray(gguf.dequantize(raw, gguf.GGMLQuantizationType[type_name]), np.float32).reshape(6, 512)
+    blocks = _carry(type_name, raw, 512)
+    assert blocks.zero_points is None  # ORT's default zero point: the kernels' symmetric path
+    assert (blocks.bits, blocks.block_size) == ((4, 32) if type_name == "Q4_K" else (8, 16 if type_name == "Q6_K" else 32))
+    np.testing.assert_array_equal(blocks.dequantize().view(np.uint32), want.view(np.uint32))
+    if blocks.bits == 8:  # the same numbers (Q6_K's negative scales: -0.0 there may come out as 0.0)
+        np.testing.assert_array_equal(blocks.as_halves().dequantize(), want)
+
+
+def test_gguf_k_quants_carried_exactly(tmp_path):
+    """A Q4_K_M-style file (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1 tensors): every weight carried, bit for bit,
+    and ONNX Runtime computes x @ W with them (4-bit blocks of 32, 8-bit halves, blocks of 16)."""
+    import gguf
+
+    rng = np.random.default_rng(2)
+    shapes = {"Q4_K": 48, "Q6_K": 40, "Q5_K": 16, "Q5_0": 8, "Q5_1": 24}
+    path = tmp_path / "k.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    deq = {}
+    for type_name, n in shapes.items():
+        raw = _random_rows(rng, type_name, n, 256)
+        qtype = gguf.GGMLQuantizationType[type_name]
+        writer.add_tensor(f"blk.0.{type_name.lower()}.weight", raw, raw_dtype=qtype)
+        deq[type_name] = np.asarray(gguf.dequantize(raw, qtype), np.float32).reshape(n, 256)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    perm = rng.permutation(48)
+    inits = {f"w{t}": (deq[t][perm] if t == "Q4_K" else deq[t]).T.copy() for t in shapes}
+    nodes = [helper.make_node("MatMul", ["x", w], [w[1:]]) for w in inits]
+    proto = _model(nodes, [vi("x", TensorProto.FLOAT, [2, 3, 256])], [vi(w[1:], TensorProto.FLOAT, None) for w in inits],
+                   [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = to_ir(proto)
+    p = MatMulNBits(weight_bits=4, gguf=str(path), pack=False)
+    assert p(model).modified
+    assert p.stats["carried"] == 5 and p.requantized == []
+    weights = effective_weights(model)
+    for t in shapes:  # 4-bit: bit for bit; 8-bit halves: the same numbers (a -0.0 may read 0.0)
+        np.testing.assert_array_equal(weights[t], inits[f"w{t}"], err_msg=t)
+    np.testing.assert_array_equal(weights["Q4_K"].view(np.uint32), inits["wQ4_K"].view(np.uint32))
+    blocks = {n.outputs[0].name: n.attributes["block_size"].value for n in model.graph if n.op_type == "MatMulNBits"}
+    assert sorted(set(blocks.values())) == [16, 32]
+    x = rng.standard_normal((2, 3, 256)).astype(np.float32)
+    out = run(model, {"x": x})
+    for t in shapes:  # float accumulation in another order: relative error ~1e-7
+        assert _rel(out[t], x @ inits[f"w{t}"]) < 1e-5, t
