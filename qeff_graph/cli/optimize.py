@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from qeff_graph.cli.options import HelpFormatter, add, add_accuracy_level, add_program_options, spec_options
+from qeff_graph.cli.options import (
+    HelpFormatter,
+    add,
+    add_accuracy_level,
+    add_program_options,
+    spec_options,
+)
 
 HELP = "rewrite an exported ONNX causal LM into the retained-KV program directory"
 

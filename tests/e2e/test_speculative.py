@@ -19,7 +19,11 @@ import qeff_graph as qg
 from qeff_graph.backends.ort import RetainedStateSession
 from qeff_graph.errors import QeffGraphError
 from qeff_graph.generation import PromptLookup, generate_ids
-from qeff_graph.models.causal_lm import SELF_DRAFT_ACCURACY_LEVEL, make_drafter, resolve_draft
+from qeff_graph.models.causal_lm import (
+    SELF_DRAFT_ACCURACY_LEVEL,
+    make_drafter,
+    resolve_draft,
+)
 from tests.e2e.conftest import prompts
 from tests.helpers import qeff_home, run_cli
 
