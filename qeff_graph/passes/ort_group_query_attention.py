@@ -27,15 +27,18 @@ the portable program writes zeros into slot ``ctx_len - 1``, the kernel writes n
 sees that slot before a real token at position ``ctx_len - 1`` writes it.
 
 **Rotary in the kernel.** Where the query and the new key rows come, through layout ops and a
-rotate-half rotary (``x·cos + rotate_half(x)·sin``), from projections ``[B, S, N·H]``, the kernel
-reads those projections directly (``do_rotary=1``) and the exporter's head reshapes, transposes
-and rotary ops go too. Its cos/sin caches are the graph's own tables (the ``[.., S, H]`` values
-the rotary multiplies by, computed from ``position_ids`` as before): each token's row, first
-half, ``[B·S, H/2]`` (zero rows below, up to ``total_sequence_length`` rows, the kernel's minimum),
-indexed by rotary position ids ``0 .. B·S-1`` — so the kernel applies exactly the graph's angles,
-whatever the model's rope scaling. Which table is cos is left to the numeric check (both are
-tried); a partial or interleaved rotary, or tables of another shape, fail it and the layer keeps
-the plain form (rotary applied by the graph, the kernel reading ``[B, N, S, H]`` values).
+rotary (``x·cos + rotate(x)·sin``: rotate-half, or interleaved pairs as gpt-j's), from projections
+``[B, S, N·H]``, the kernel reads those projections directly (``do_rotary=1``,
+``rotary_interleaved``) and the exporter's head reshapes, transposes and rotary ops go too. Its
+cos/sin caches are the graph's own tables (the ``[.., S, R]`` values the rotary multiplies by,
+computed from ``position_ids`` as before; ``R`` = rotary_dim, less than head_dim for a partial
+rotary as phi's or gpt-neox's, whose kernel turns the first ``R`` of each head only): each
+token's row — its first half, or its even entries for pairs — ``[B·S, R/2]`` (zero rows below,
+up to ``total_sequence_length`` rows, the kernel's minimum), indexed by rotary position ids ``0
+.. B·S-1`` — so the kernel applies exactly the graph's angles, whatever the model's rope scaling.
+Which table is cos and which pairing the rotary uses are left to the numeric check (the four
+readings are tried in turn); tables of another shape fail it and the layer keeps the plain form
+(rotary applied by the graph, the kernel reading ``[B, N, S, H]`` values).
 
 A layer is lowered only when its attention is the plain causal (or sliding-window) softmax
 attention of one query over the cache, and that is **proven numerically**: the cone of the
@@ -78,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 _TAG = "ort-gqa"
 TOLERANCE = 1e-4  # max abs difference of the numeric check (outputs of unit-scale random inputs)
+KERNEL_ROTARY_MULTIPLE = 16  # GroupQueryAttention's rotary_dim must be a multiple of it (ORT 1.32's CPU kernel)
 _MS = "com.microsoft"
 
 
@@ -102,7 +106,8 @@ class _Layer:
 
     @property
     def attributes(self) -> dict:
-        rotary = {"do_rotary": 1, "rotary_interleaved": 0} if self.form is not None and self.form.cos else {}
+        form = self.form
+        rotary = {"do_rotary": 1, "rotary_interleaved": int(form.interleaved)} if form is not None and form.cos else {}
         return {"num_heads": self.heads, "kv_num_heads": self.kv_heads, "scale": float(self.scale),
                 "local_window_size": self.window if self.window else -1, "softcap": float(self.softcap), **rotary}
 
@@ -112,11 +117,13 @@ class _Form:
     head reshape, with the rotary (``cos``/``sin``, the ``[.., S, H]`` tables the graph multiplies
     by) done by the kernel — or the ``[B, N, S, H]`` values the attention read (rotary already
     applied), transposed and reshaped for the kernel. ``scalars``: every scalar factor between
-    these values and the softmax, ``(operand, divides)``."""
+    these values and the softmax, ``(operand, divides)``. A rotary turns the first ``rotary_dim``
+    (the tables' last dim) of each head, in halves (rotate-half) or in pairs (``interleaved``)."""
 
-    def __init__(self, q, k, v, scalars, packed=False, cos=None, sin=None):
+    def __init__(self, q, k, v, scalars, packed=False, cos=None, sin=None, rotary_dim=0, interleaved=False):
         self.q, self.k, self.v, self.scalars = q, k, v, scalars
         self.packed, self.cos, self.sin = packed, cos, sin
+        self.rotary_dim, self.interleaved = rotary_dim, interleaved
 
     @property
     def values(self) -> list[ir.Value]:
@@ -344,45 +351,57 @@ def _plain_form(finder: _Finder, la: _Layer) -> _Form:
 
 
 def _rotary_form(finder: _Finder, la: _Layer, io, plain: _Form) -> list[_Form] | None:
-    """Readings with the rotary in the kernel (both ways of naming the two tables cos and sin),
-    or None when the structure is not there. Walking up from the query and the new key rows, each
-    side must reach, through layout ops, scalar factors, ``Mul``/``Add``/``Neg``/``Slice``/
-    ``Split``/``Concat`` (a rotate-half rotary), one value ``[batch, seq, heads·head_dim]`` that
-    does not depend on the positions (the projection output), and the position-dependent operands
-    of its ``Mul``s must be the same two tables for query and key. Which is cos, and whether the
-    tables are a half-rotation's, the numeric check decides."""
+    """Readings with the rotary in the kernel (rotate-half or interleaved pairs, each with both
+    ways of naming the two tables cos and sin), or None when the structure is not there. Walking
+    up from the query and the new key rows, each side must reach, through layout ops, scalar
+    factors, ``Mul``/``Add``/``Neg``/``Slice``/``Split``/``Concat`` (a rotary), one value
+    ``[batch, seq, heads·head_dim]`` that does not depend on the positions (the projection
+    output), and the position-dependent operands of its ``Mul``s must be the same two tables
+    ``[.., seq, rotary_dim]`` for query and key (``rotary_dim`` a multiple of 16, the kernel's rule,
+    at most head_dim: a partial rotary leaves the rest of each head as it is). Which is cos, and which pairing the rotary
+    uses, the numeric check decides."""
     if io.position_ids is None:
         return None
-    found = []
-    for start, heads in ((plain.q, la.heads), (plain.k, la.kv_heads)):
-        hit = _projection(finder, start, heads * la.head_dim, io)
-        if hit is None:
-            return None
-        found.append(hit)
-    (q, q_tables, q_scalars), (k, k_tables, k_scalars) = found
-    if len(q_tables) != 2 or q_tables != k_tables or la.head_dim % 2:
+    for packed in (True, False):  # the projections, else (fused Q/K/V) the heads before the rotary
+        found = [_projection(finder, start, heads * la.head_dim, io, heads_layout=not packed)
+                 for start, heads in ((plain.q, la.heads), (plain.k, la.kv_heads))]
+        if None not in found:
+            break
+    else:
         return None
-    for table in q_tables:  # a full-width table ([.., seq, head_dim]); a partial rotary is not the kernel's
+    (q, q_tables, q_scalars), (k, k_tables, k_scalars) = found
+    if len(q_tables) != 2 or q_tables != k_tables:
+        return None
+    widths = set()
+    for table in q_tables:  # [.., seq, rotary_dim]
         dims = finder.dims(table)
-        if dims is None or len(dims) < 2 or dims[-1] != la.head_dim:
+        if dims is None or len(dims) < 2 or not isinstance(dims[-1], int):
             return None
-    v = _projection(finder, plain.v, la.kv_heads * la.head_dim, io, layout_only=True)
+        widths.add(dims[-1])
+    rotary_dim = widths.pop()
+    if widths or rotary_dim % KERNEL_ROTARY_MULTIPLE or not 0 < rotary_dim <= la.head_dim:
+        return None  # the kernel's rule: cos_cache width (rotary_dim / 2) a multiple of 8
+    v = _projection(finder, plain.v, la.kv_heads * la.head_dim, io, layout_only=True) if packed else [plain.v]
     if v is None:
         return None
     scalars = plain.scalars + q_scalars + k_scalars
     a, b = sorted(q_tables, key=lambda t: t.name or "")
-    return [_Form(q, k, v[0], scalars, packed=True, cos=c, sin=s_) for c, s_ in ((a, b), (b, a))]
+    return [_Form(q, k, v[0], scalars, packed=packed, cos=c, sin=s_, rotary_dim=rotary_dim, interleaved=pairs)
+            for pairs in (False, True) for c, s_ in ((a, b), (b, a))]
 
 
 _ROTARY_OPS = {"Mul", "Add", "Sub", "Neg", "Slice", "Split", "Concat"}
+_ROTARY_ARITHMETIC = {"Mul", "Div", "Add", "Sub", "Neg", "Concat"}  # what computes a rotary, not what feeds it
 _VIEW_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast"}
 
 
-def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: bool = False):
+def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: bool = False,
+                heads_layout: bool = False):
     """``(value, tables, scalars)``: the nearest value above ``start`` shaped ``[batch, seq,
-    width]`` that does not depend on the positions, the position-dependent operands of the
-    ``Mul``s on the way (the rotary tables) and the scalar factors; None if the walk meets anything
-    else, or more than one such value."""
+    width]`` (``heads_layout``: shaped as ``start``, ``[batch, heads, seq, head_dim]``, and not made
+    by rotary arithmetic — a fused Q/K/V projection has no ``[batch, seq, heads·head_dim]`` value of
+    its own), the position-dependent operands of the ``Mul``s on the way (the rotary tables) and
+    the scalar factors; None if the walk meets anything else, or more than one such value."""
     positions = {io.position_ids}
     tokens = {io.input_ids}
     start_dims = finder.dims(start)  # [batch, heads, seq, head_dim]: the projection is [batch, seq, width]
@@ -399,7 +418,9 @@ def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: b
             continue
         seen.add(value)
         dims = finder.dims(value)
-        if dims is not None and len(dims) == 3 and dims[2] == width and dims[:2] == batch_seq and value is not start:
+        if value is not start and (dims == start_dims and value.producer() is not None
+                                   and value.producer().op_type not in _ROTARY_ARITHMETIC if heads_layout else
+                                   dims is not None and len(dims) == 3 and dims[2] == width and dims[:2] == batch_seq):
             tops.add(value)
             continue
         node = value.producer()
@@ -430,6 +451,8 @@ def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: b
             queue.append(node.inputs[0])
             continue
         queue.extend(x for x in node.inputs if x is not None)
+    if heads_layout:  # rotate_half(x) is shaped as x and position-free too: keep x, what the others derive from
+        tops = {t for t in tops if not any(u is not t and depends_on(t, {u}) for u in tops)}
     if len(tops) != 1:
         return None
     return tops.pop(), tables, scalars
@@ -503,7 +526,7 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
         reference = reference or _gqa_session(la, dtype)
         total = max(positions.max() + 1, seq)
         try:
-            extra = _rotary_caches(got[3], got[4], batch, seq, la.head_dim, total) if tables else {}
+            extra = _rotary_caches(got[3], got[4], batch, seq, form, total) if tables else {}
         except ValueError as exc:  # tables of another shape than [.., seq, head_dim]
             la.form = None
             raise UnsupportedGraphError(f"{where}: the rotary tables do not fit the kernel's: {exc}") from None
@@ -527,15 +550,17 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
                     f"(positions {positions.tolist()})")
 
 
-def _rotary_caches(cos: np.ndarray, sin: np.ndarray, batch: int, seq: int, head_dim: int, total: int) -> dict:
-    """What :func:`_lower` computes from the graph's tables: ``[B·S, H/2]`` caches (the first half
-    of each token's row; zero rows below, up to ``total`` rows, the kernel's minimum) and the
+def _rotary_caches(cos: np.ndarray, sin: np.ndarray, batch: int, seq: int, form: _Form, total: int) -> dict:
+    """What :func:`_lower` computes from the graph's tables: ``[B·S, R/2]`` caches (each token's
+    row of ``R = rotary_dim`` angles: its first half for a rotate-half rotary, its even entries for
+    an interleaved one; zero rows below, up to ``total`` rows, the kernel's minimum) and the
     kernel's position ids ``0 .. B·S-1`` that index them, row by row."""
+    width = form.rotary_dim
 
     def cache(table):
-        rows = np.broadcast_to(table.reshape(table.shape[0], -1, head_dim), (batch, seq, head_dim))
-        half = rows.reshape(-1, head_dim)[:, :head_dim // 2]
-        return np.concatenate([half, np.zeros((max(0, total - len(half)), head_dim // 2), half.dtype)])
+        rows = np.broadcast_to(table.reshape(table.shape[0], -1, width), (batch, seq, width)).reshape(-1, width)
+        half = rows[:, 0::2] if form.interleaved else rows[:, :width // 2]
+        return np.concatenate([half, np.zeros((max(0, total - len(half)), width // 2), half.dtype)])
 
     return {"cos_cache": cache(cos), "sin_cache": cache(sin),
             "rotary_position_ids": np.arange(batch * seq, dtype=np.int64).reshape(batch, seq)}
@@ -564,6 +589,7 @@ def _gqa_session(la: _Layer, dtype):
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(_MS, 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # a reading the kernel refuses is reported by the check, in one line
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -648,11 +674,12 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
     to_bsd = b.i64(0, 0, -1)
     caches: dict = {}  # (cos, sin, head_dim) -> the kernel's rotary inputs, shared by the layers
 
-    def rotary(form: _Form, head_dim: int) -> list[ir.Value]:
-        key = (id(form.cos), id(form.sin), head_dim)
-        if key not in caches:  # the graph's own tables, one row per token: [B*S, H/2]; row ids 0..B*S-1
+    def rotary(form: _Form) -> list[ir.Value]:
+        width = form.rotary_dim
+        key = (id(form.cos), id(form.sin), width, form.interleaved)
+        if key not in caches:  # the graph's own tables, one row per token: [B*S, R/2]; row ids 0..B*S-1
             shape = b.op("Shape", io.position_ids)
-            rows = b.op("Concat", shape, b.i64(head_dim), axis=0)
+            rows = b.op("Concat", shape, b.i64(width), axis=0)
 
             count = b.op("ReduceProd", shape, keepdims=0)
             # the kernel wants at least total_sequence_length rows: zeros below the B*S real ones
@@ -660,10 +687,11 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
                          b.const(np.array(0, np.int64)))
             pads = b.op("Concat", b.i64(0, 0), b.op("Unsqueeze", extra, b.i64(0)), b.i64(0), axis=0)
 
-            def cache(table):
-                full = b.op("Expand", b.op("Reshape", table, b.i64(0, -1, head_dim)), rows)
-                half = b.op("Slice", b.op("Reshape", full, b.i64(-1, head_dim)), b.i64(0), b.i64(head_dim // 2),
-                            b.i64(1))
+            def cache(table):  # the first half of each row (rotate-half), or its even entries (pairs)
+                full = b.op("Expand", b.op("Reshape", table, b.i64(0, -1, width)), rows)
+                end, step = (width, 2) if form.interleaved else (width // 2, 1)
+                half = b.op("Slice", b.op("Reshape", full, b.i64(-1, width)), b.i64(0), b.i64(end), b.i64(1),
+                            b.i64(step))
                 return b.op("Pad", half, pads)
 
             ids = b.op("Reshape", b.op("Range", b.const(np.array(0, np.int64)), count, b.const(np.array(1, np.int64))),
@@ -677,7 +705,7 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
             packed = [form.q, form.k, form.v]
         else:
             packed = [b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), to_bsd) for x in (form.q, form.k, form.v)]
-        tables = rotary(form, la.head_dim) if form.cos is not None else [None] * 3
+        tables = rotary(form) if form.cos is not None else [None] * 3
         out, present_k, present_v = b.op_multi(
             "GroupQueryAttention", *packed, la.key.past, la.value.past, seqlens, total, *tables, *[None] * 6,
             query_seqlens, num_outputs=3, domain=_MS, **la.attributes)

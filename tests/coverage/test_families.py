@@ -19,6 +19,7 @@ expected to fail: a family the toolchain does not handle yet fails with the reas
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from tests.coverage.conftest import EXPORTERS
@@ -90,8 +91,11 @@ def test_export_matches_hf(family, exporter, family_model, family_export):
         pos = pos[:, -1:] + 1
 
 
-# families whose rotate-half rotary covers the whole head: ort-gqa puts it in the kernel
-ROTARY_IN_KERNEL = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "starcoder2", "gemma", "gemma2")
+# families whose rotary ort-gqa puts in the kernel: rotate-half over the whole head, partial (phi,
+# gpt_neox: the first 16 of 32), interleaved pairs (gptj, partial too), behind a fused Q/K/V projection
+# (gpt_neox, falcon*); not codegen's (a rotary of 8: the kernel wants multiples of 16)
+ROTARY_IN_KERNEL = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "starcoder2", "gemma", "gemma2", "phi",
+                    "gpt_neox", "gptj", "falcon", "falcon_mqa", "falcon_new")
 
 
 @pytest.mark.parametrize("family,exporter", CASES, ids=IDS)
@@ -110,8 +114,13 @@ def test_pipeline_token_exact(family, exporter, family_model, family_export, tmp
     # GroupQueryAttention has no bias input for ALiBi; dynamo's MHA exports of these do not show their heads
     if family not in ALIBI and not (exporter.startswith("dynamo") and family in ("gpt2", "opt", "phi", "gptj")):
         assert gqa["lowered"] == gqa["layers"], gqa
-    if family in ROTARY_IN_KERNEL:  # rotate-half rotaries over the whole head: the kernel applies them
+    if family in ROTARY_IN_KERNEL and gqa["lowered"]:  # the kernel applies the rotary, in gptj's pairs
         assert gqa["rotary"] == gqa["layers"], gqa
+        graph = onnx.load(program.path / "model.onnx", load_external_data=False).graph
+        kernels = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+        assert {onnx.helper.get_node_attr_value(n, "rotary_interleaved") for n in kernels} == {int(family == "gptj")}
+    else:  # codegen's rotary of 8 stays the graph's; the others have none
+        assert gqa.get("rotary", 0) == 0, gqa
     session = RetainedStateSession(program.path, batch_size=4, ctx_len=CTX_LEN)
     batch = prompts()
     result = generate_ids(session, batch, prompt_len=PROMPT_LEN, generation_len=NEW_TOKENS, return_logits=True)

@@ -193,8 +193,8 @@ def test_rotary_tables_the_kernel_would_misread_keep_the_graphs_rotary(tmp_path,
     numeric check refuses the rotary reading and the layer keeps the graph's rotary."""
     real = gqa_module._rotary_caches
 
-    def shifted(cos, sin, batch, seq, head_dim, total):
-        caches = real(cos, sin, batch, seq, head_dim, total)
+    def shifted(cos, sin, batch, seq, form, total):
+        caches = real(cos, sin, batch, seq, form, total)
         return {**caches, "cos_cache": np.roll(caches["cos_cache"], 1, axis=0)}
 
     monkeypatch.setattr(gqa_module, "_rotary_caches", shifted)
