@@ -17,6 +17,7 @@ import pytest
 import qeff_graph as qg
 from qeff_graph.backends.ort import RetainedStateSession
 from qeff_graph.generation import generate_ids
+from qeff_graph.program.spec import WEIGHT_SCHEME
 from tests.passes.nbits import effective_weights
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def test_int4_program_computes_with_the_gguf_weights_exactly(programs, smollm2_e
     assert log["params"]["gguf"] == str(path.resolve())
     assert {k: log["stats"][k] for k in ("quantized", "carried", "requantized", "gathers")} == {
         "quantized": 211, "carried": 211, "requantized": 0, "gathers": 1}  # 30 x 7 + the tied head
-    assert program.manifest["options"]["weight_scheme"] == 4
+    assert program.manifest["options"]["weight_scheme"] == WEIGHT_SCHEME == 5
 
     model = qir.load(program.onnx_path)
     weights = effective_weights(model)  # from the program's own B / scales / zero points / minima
