@@ -56,6 +56,20 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gemma2": ("Gemma2Config", dict(TINY, **_GQA, head_dim=16, sliding_window=4, query_pre_attn_scalar=16)),
     "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=512, initializer_range=0.3)),
     "opt": ("OPTConfig", dict(TINY, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64)),
+    # per-head q/k RMSNorm (qwen3, gemma3; olmo2's over the whole projection), gemma3's sliding and full
+    # layers with their own rope bases, granite's multipliers, cohere's interleaved rotary and logit scale,
+    # stablelm's and persimmon's partial rotaries (16 of 32; persimmon with q/k LayerNorm)
+    "qwen3": ("Qwen3Config", dict(TINY, **_GQA, head_dim=32, use_sliding_window=False)),
+    "gemma3": ("Gemma3TextConfig", dict(TINY, **_GQA, head_dim=32, sliding_window=4, query_pre_attn_scalar=32,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "olmo2": ("Olmo2Config", dict(TINY, **_GQA)),
+    "granite": ("GraniteConfig", dict(TINY, **_GQA, embedding_multiplier=2.0, attention_multiplier=0.3,
+                                      residual_multiplier=0.5, logits_scaling=2.0)),
+    "cohere": ("CohereConfig", dict(TINY, **_GQA, logit_scale=0.5)),
+    "stablelm": ("StableLmConfig", dict(TINY, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128,
+                                        partial_rotary_factor=0.5)),
+    "persimmon": ("PersimmonConfig", dict(TINY, num_attention_heads=2, intermediate_size=128,
+                                          partial_rotary_factor=0.5)),
 }
 
 

@@ -34,7 +34,9 @@ NEW_TOKENS = 10
 PROMPT_LEN, CTX_LEN = 8, 64
 TOL = 1e-4
 
-CASES = [(f, e) for f in FAMILIES for e in EXPORTERS]
+# (family, exporter) pairs torch itself cannot export; test_torch_export_limits checks the one-line error
+TORCH_CANNOT_EXPORT = {("cohere", "torchscript17"): "All tensors must have the same rank"}
+CASES = [(f, e) for f in FAMILIES for e in EXPORTERS if (f, e) not in TORCH_CANNOT_EXPORT]
 IDS = [f"{f}-{e}" for f, e in CASES]
 
 
@@ -92,10 +94,12 @@ def test_export_matches_hf(family, exporter, family_model, family_export):
 
 
 # families whose rotary ort-gqa puts in the kernel: rotate-half over the whole head, partial (phi,
-# gpt_neox: the first 16 of 32), interleaved pairs (gptj, partial too), behind a fused Q/K/V projection
-# (gpt_neox, falcon*); not codegen's (a rotary of 8: the kernel wants multiples of 16)
+# gpt_neox, stablelm, persimmon: the first 16 of 32), interleaved pairs (gptj, partial too; cohere),
+# behind a fused Q/K/V projection (gpt_neox, falcon*, persimmon) or q/k norms (qwen3, gemma3, olmo2);
+# not codegen's (a rotary of 8: the kernel wants multiples of 16)
 ROTARY_IN_KERNEL = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "starcoder2", "gemma", "gemma2", "phi",
-                    "gpt_neox", "gptj", "falcon", "falcon_mqa", "falcon_new")
+                    "gpt_neox", "gptj", "falcon", "falcon_mqa", "falcon_new", "qwen3", "gemma3", "olmo2", "granite",
+                    "cohere", "stablelm", "persimmon")
 
 
 @pytest.mark.parametrize("family,exporter", CASES, ids=IDS)
@@ -112,13 +116,15 @@ def test_pipeline_token_exact(family, exporter, family_model, family_export, tmp
     # every layer lowered: GroupQueryAttention where proven, else attention over the valid length
     assert gqa["lowered"] == gqa["layers"] or valid["lowered"] == valid["layers"], (gqa, valid)
     # GroupQueryAttention has no bias input for ALiBi; dynamo's MHA exports of these do not show their heads
-    if family not in ALIBI and not (exporter.startswith("dynamo") and family in ("gpt2", "opt", "phi", "gptj")):
+    if family not in ALIBI and not (exporter.startswith("dynamo")
+                                    and family in ("gpt2", "opt", "phi", "gptj", "stablelm")):
         assert gqa["lowered"] == gqa["layers"], gqa
     if family in ROTARY_IN_KERNEL and gqa["lowered"]:  # the kernel applies the rotary, in gptj's pairs
         assert gqa["rotary"] == gqa["layers"], gqa
         graph = onnx.load(program.path / "model.onnx", load_external_data=False).graph
         kernels = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-        assert {onnx.helper.get_node_attr_value(n, "rotary_interleaved") for n in kernels} == {int(family == "gptj")}
+        pairs = family in ("gptj", "cohere")  # rotaries in interleaved pairs
+        assert {onnx.helper.get_node_attr_value(n, "rotary_interleaved") for n in kernels} == {int(pairs)}
     else:  # codegen's rotary of 8 stays the graph's; the others have none
         assert gqa.get("rotary", 0) == 0, gqa
     session = RetainedStateSession(program.path, batch_size=4, ctx_len=CTX_LEN)
@@ -133,6 +139,16 @@ def test_pipeline_token_exact(family, exporter, family_model, family_export, tmp
         diff = max(float(np.abs(a - b[0].numpy()).max()) for a, b in zip(result.logits[i], ref.logits))
         assert result.generated_ids[i] == tokens, f"prompt {i}: tokens differ (logits differ by {diff:.2e})"
         assert diff < TOL, f"prompt {i}: logits differ from transformers by {diff:.2e}"
+
+
+@pytest.mark.parametrize("family,exporter", sorted(TORCH_CANNOT_EXPORT))
+def test_torch_export_limits(family, exporter, family_export):
+    """What torch cannot export fails in one line that names the exporter to use instead."""
+    from qeff_graph.errors import QeffGraphError
+
+    with pytest.raises(QeffGraphError, match=TORCH_CANNOT_EXPORT[(family, exporter)]) as info:
+        family_export(family, exporter)
+    assert "\n" not in str(info.value) and "try exporter='dynamo'" in str(info.value)
 
 
 ALIBI = {"falcon_alibi": ("transformers.models.falcon.modeling_falcon", "build_alibi_tensor"),
