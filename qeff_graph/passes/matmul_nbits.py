@@ -381,7 +381,7 @@ class MatMulNBits(ir.passes.InPlacePass):
         y = b.op("Reshape", y, b.i64(*([0] * rank), q.nb * q.block_size))
         if q.nb * q.block_size != q.k:
             y = b.op("Slice", y, b.i64(0), b.i64(q.k), b.i64(-1))
-        _replace(b, graph, node, old, y, old.dtype)
+        _replace(b, graph, node, old, y, old.dtype or q.scales.dtype)  # a Gather gives its table's type = W's
         self.stats["gathers"] += 1
 
     def _gather_table(self, node: ir.Node) -> ir.Value | None:

@@ -85,3 +85,19 @@ def effective_weights(model: ir.Model) -> dict[str, np.ndarray]:
             for value, part in zip(split[0].outputs, np.split(weight, sizes, axis=1)):
                 out[value.name] = part
     return out
+
+
+# bytes per block, values per block, byte offsets of the float16 scale (and minimum) fields
+GGUF_LAYOUTS = {"Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)), "Q4_K": (144, 256, (0, 2)),
+                "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,))}
+
+
+def random_gguf_rows(rng, type_name: str, n: int, k: int) -> np.ndarray:
+    """Random ggml blocks of ``type_name`` (``[n, bytes]``) with small positive float16 scales
+    (gguf writes no K-quants itself)."""
+    size, per, fields = GGUF_LAYOUTS[type_name]
+    raw = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
+    for off in fields:
+        raw[..., off:off + 2] = (rng.random((n, k // per)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8).reshape(
+            n, k // per, 2)
+    return raw.reshape(n, -1)

@@ -7,7 +7,12 @@ from qeff_graph.errors import QeffGraphError
 from qeff_graph.passes import MatMulNBits, registry
 from qeff_graph.passes.weight_blocks import quantize_float
 from tests.passes.graphs import ops, run, to_ir
-from tests.passes.nbits import effective_weight, effective_weights
+from tests.passes.nbits import (
+    GGUF_LAYOUTS,
+    effective_weight,
+    effective_weights,
+    random_gguf_rows,
+)
 
 N = 24
 vi = helper.make_tensor_value_info
@@ -394,30 +399,14 @@ def test_a_weight_read_elsewhere_is_not_packed():
 
 
 # ---- other GGUF block types: 5-bit, K-quants --------------------------------------------------
-# bytes per block, values per block, byte offsets of the float16 scale (and minimum) fields
-_LAYOUTS = {"Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)), "Q4_K": (144, 256, (0, 2)),
-            "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,))}
-
-
-def _random_rows(rng, type_name: str, n: int, k: int) -> np.ndarray:
-    """Random ggml blocks of ``type_name`` (``[n, bytes]``) with small positive float16 scales
-    (gguf writes no K-quants itself)."""
-    size, per, fields = _LAYOUTS[type_name]
-    raw = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
-    for off in fields:
-        raw[..., off:off + 2] = (rng.random((n, k // per)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8).reshape(
-            n, k // per, 2)
-    return raw.reshape(n, -1)
-
-
-@pytest.mark.parametrize("type_name", list(_LAYOUTS))
+@pytest.mark.parametrize("type_name", list(GGUF_LAYOUTS))
 def test_gguf_block_types_dequantize_bit_for_bit(type_name):
     """Each carried type's blocks give gguf's own dequantization exactly (8-bit ones as halves too)."""
     import gguf
 
     from qeff_graph.passes.weight_blocks import _carry
 
-    raw = _random_rows(np.random.default_rng(5), type_name, 6, 512)
+    raw = random_gguf_rows(np.random.default_rng(5), type_name, 6, 512)
     want = np.asarray(gguf.dequantize(raw, gguf.GGMLQuantizationType[type_name]), np.float32).reshape(6, 512)
     blocks = _carry(type_name, raw, 512)
     assert blocks.zero_points is None  # ORT's default zero point: the kernels' symmetric path
@@ -438,7 +427,7 @@ def test_gguf_k_quants_carried_exactly(tmp_path):
     writer = gguf.GGUFWriter(str(path), "llama")
     deq = {}
     for type_name, n in shapes.items():
-        raw = _random_rows(rng, type_name, n, 256)
+        raw = random_gguf_rows(rng, type_name, n, 256)
         qtype = gguf.GGMLQuantizationType[type_name]
         writer.add_tensor(f"blk.0.{type_name.lower()}.weight", raw, raw_dtype=qtype)
         deq[type_name] = np.asarray(gguf.dequantize(raw, qtype), np.float32).reshape(n, 256)
