@@ -47,10 +47,15 @@ no weights) is run on random queries, keys, values and caches for a batched deco
 idle row, a chunk after a past, a first prompt and a right-padded batch, next to the ``GroupQueryAttention`` this pass would put
 there; outputs and caches must agree within :data:`TOLERANCE`. The scale is the product of the
 scalar factors on the scores and key paths (evaluated by the same run), the window is read off
-the position mask (:func:`~qeff_graph.ir.mask_probe.probe_mask_windows`). Lowering is all or
-nothing: if one layer cannot be proven (a soft-cap, an ALiBi bias, a float16 cache under float32
-compute, a cache read anywhere else), no layer is changed and ``stats`` says why — the program
-then keeps the valid-length lowering (:mod:`~qeff_graph.passes.ort_valid_attention`).
+the position mask (:func:`~qeff_graph.ir.mask_probe.probe_mask_windows`). One additive bias on
+the scores (ALiBi: ``[B·N or N, 1 or S, ctx]`` or ``[B or 1, N or 1, 1 or S, ctx]``, computed by
+the graph as before) goes in as the kernel's ``attention_bias``, its key axis cut to
+``total_sequence_length`` and broadcast to ``[.., S, total]``; the kernel adds it after its scale,
+so a bias the graph scales afterwards fails the check. Lowering is all or nothing: if one layer
+cannot be proven (a soft-cap not of the form ``c·tanh(x/c)``, a second bias, heads folded into
+the batch, a float16 cache under float32 compute, a cache read anywhere else), no layer is
+changed and ``stats`` says why — the program then keeps the valid-length lowering
+(:mod:`~qeff_graph.passes.ort_valid_attention`).
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ class _Layer:
         self.scale: float | None = None
         self.window: int | None = None
         self.softcap = 0.0  # c of c * tanh(scores / c); 0: none
+        self.bias: ir.Value | None = None  # an additive bias on the scores (ALiBi): the kernel's attention_bias
+        self.bias_rank = 0
         self.form: _Form | None = None  # what the kernel reads, once proven
 
     @property
@@ -222,8 +229,15 @@ def _layer(finder: _Finder, layer, sites: list[AttentionSite], io) -> _Layer:
     if softcap is None:
         raise UnsupportedGraphError(f"{where}: soft-capped scores not in the form c * tanh(x / c) "
                                     f"({describe_node(site.scores)})")
-    if any(not term.mask_only for term in site.terms):
-        raise UnsupportedGraphError(f"{where}: a bias is added to the scores ({describe_node(site.scores)})")
+    biases = [term for term in site.terms if not term.mask_only]
+    bias = None
+    if biases:  # one additive term (ALiBi): the kernel's attention_bias, if the check agrees
+        term = biases[0]
+        bias = term.node.inputs[term.index]
+        dims = finder.dims(bias)
+        if len(biases) > 1 or term.masked or term.node.op_type != "Add" or dims is None or len(dims) not in (3, 4):
+            raise UnsupportedGraphError(f"{where}: a bias is added to the scores in a form GroupQueryAttention has no "
+                                        f"input for ({describe_node(term.node)})")
     for entry, reader, what in ((layer.key, site.scores, "key"), (layer.value, site.pv, "value")):
         if entry.writer.op_type != "ScatterND" or not is_qeff_node(entry.writer):
             raise UnsupportedGraphError(f"{where}: the {what} cache is not written by kv-retention's ScatterND")
@@ -246,6 +260,7 @@ def _layer(finder: _Finder, layer, sites: list[AttentionSite], io) -> _Layer:
         raise UnsupportedGraphError(f"{where}: the cache and the attention compute in different types")
     la = _Layer(layer.index, site, layer.key, layer.value, heads, kv_heads, head_dim)
     la.softcap = softcap
+    la.bias, la.bias_rank = bias, len(finder.dims(bias)) if bias is not None else 0
     return la
 
 
@@ -254,7 +269,7 @@ def _shape_reads(finder: _Finder, la: _Layer, io) -> list[tuple[ir.Node, list]]:
     from a graph input that keeps it (the layer's caches, ``input_ids``) or a number; raises when
     a dim read has no such source."""
     site = la.site
-    kept = {v.producer() for v in la.form.values}  # what the kernel reads stays
+    kept = {v.producer() for v in [*la.form.values, la.bias] if v is not None}  # what the kernel reads stays
     dead: set[ir.Node] = {site.scores, *site.chain, *site.probs, site.pv, la.key.writer, la.value.writer} - kept
     for entry in (la.key, la.value):
         dead |= {v.producer() for v in finder.cache_reads(entry)[1] if v.producer() is not None}
@@ -475,7 +490,7 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
     outs = [la.site.pv.outputs[0], la.key.writer.outputs[0], la.value.writer.outputs[0]]
     tables = [form.cos, form.sin] if form.cos is not None else []
     computed = [v for v, _ in form.scalars if scalar_value(v) is None]
-    outs += tables + computed
+    outs += tables + computed + ([la.bias] if la.bias is not None else [])
     # fed as the cache's type where the graph does not say (a wrong guess fails the run below)
     guess = {v: v.dtype or la.key.past.dtype for v in (q, k_new, v_new)}
     try:
@@ -527,9 +542,11 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
         total = max(positions.max() + 1, seq)
         try:
             extra = _rotary_caches(got[3], got[4], batch, seq, form, total) if tables else {}
-        except ValueError as exc:  # tables of another shape than [.., seq, head_dim]
+            if la.bias is not None:
+                extra["attention_bias"] = _attention_bias(got[-1], la.heads, seq, total)
+        except ValueError as exc:  # tables (or a bias) of another shape than the kernel's
             la.form = None
-            raise UnsupportedGraphError(f"{where}: the rotary tables do not fit the kernel's: {exc}") from None
+            raise UnsupportedGraphError(f"{where}: the rotary tables or the bias do not fit the kernel's: {exc}") from None
         try:
             want = _run_gqa(reference, arrays, la, form, positions, extra)
         except Exception as exc:  # noqa: BLE001 - the kernel refused this reading of the layer
@@ -566,6 +583,14 @@ def _rotary_caches(cos: np.ndarray, sin: np.ndarray, batch: int, seq: int, form:
             "rotary_position_ids": np.arange(batch * seq, dtype=np.int64).reshape(batch, seq)}
 
 
+def _attention_bias(bias: np.ndarray, heads: int, seq: int, total: int) -> np.ndarray:
+    """What :func:`_lower` computes from the graph's bias on the scores (``[B·N or N, 1 or S, ctx]``
+    or ``[B or 1, N or 1, 1 or S, ctx]``): the kernel's ``attention_bias`` ``[B or 1, N or 1, S,
+    total]`` (keys by absolute position, as the cache slots are)."""
+    b = bias if bias.ndim == 4 else bias.reshape(-1, heads, *bias.shape[-2:])
+    return np.ascontiguousarray(np.broadcast_to(b[..., :total], (*b.shape[:2], seq, total)))
+
+
 def _gqa_session(la: _Layer, dtype):
     """An ORT session over the one GroupQueryAttention node :func:`_lower` inserts for ``la``."""
     import onnx
@@ -575,8 +600,9 @@ def _gqa_session(la: _Layer, dtype):
     t = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     rotary = la.form.cos is not None
     tables = ["cos_cache", "sin_cache", "rotary_position_ids"] if rotary else ["", "", ""]
+    bias = "attention_bias" if la.bias is not None else ""
     node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens_k", "total", *tables,
-                                                    *[""] * 6, "query_seqlens"],
+                                                    bias, *[""] * 5, "query_seqlens"],
                             ["out", "present_k", "present_v"], domain=_MS, **la.attributes)
     inputs = [helper.make_tensor_value_info(n, t, None) for n in ("q", "k", "v", "pk", "pv")]
     inputs += [helper.make_tensor_value_info(n, onnx.TensorProto.INT32, None)
@@ -584,6 +610,8 @@ def _gqa_session(la: _Layer, dtype):
     if rotary:
         inputs += [helper.make_tensor_value_info(n, t, None) for n in ("cos_cache", "sin_cache")]
         inputs.append(helper.make_tensor_value_info("rotary_position_ids", onnx.TensorProto.INT64, None))
+    if bias:
+        inputs.append(helper.make_tensor_value_info(bias, t, None))
     outputs = [helper.make_tensor_value_info(n, t, None) for n in ("out", "present_k", "present_v")]
     graph = helper.make_graph([node], "qeff_gqa_check", inputs, outputs)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(_MS, 1)])
@@ -699,6 +727,22 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
             caches[key] = [cache(form.cos), cache(form.sin), ids]
         return caches[key]
 
+    biases: dict = {}  # the graph's bias value -> the kernel's attention_bias, shared by the layers
+
+    def attention_bias(la: _Layer) -> ir.Value | None:
+        """``[B or 1, N or 1, S, total]`` from the bias the graph adds (:func:`_attention_bias`)."""
+        if la.bias is None:
+            return None
+        if id(la.bias) not in biases:
+            x = la.bias
+            if la.bias_rank == 3:  # heads folded into the first dim: [B·N or N, 1 or S, ctx]
+                x = b.op("Reshape", x, b.op("Concat", b.i64(-1, la.heads), b.op("Shape", x, start=-2), axis=0))
+            length = b.op("Reshape", b.op("Cast", total, to=ir.DataType.INT64), b.i64(1))
+            x = b.op("Slice", x, b.i64(0), length, b.i64(3))
+            steps = b.op("Shape", io.position_ids, start=1, end=2)  # [S]
+            biases[id(la.bias)] = b.op("Expand", x, b.op("Concat", b.i64(1, 1), steps, length, axis=0))
+        return biases[id(la.bias)]
+
     for la in layers:
         site, form = la.site, la.form
         if form.packed:
@@ -707,8 +751,8 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
             packed = [b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), to_bsd) for x in (form.q, form.k, form.v)]
         tables = rotary(form) if form.cos is not None else [None] * 3
         out, present_k, present_v = b.op_multi(
-            "GroupQueryAttention", *packed, la.key.past, la.value.past, seqlens, total, *tables, *[None] * 6,
-            query_seqlens, num_outputs=3, domain=_MS, **la.attributes)
+            "GroupQueryAttention", *packed, la.key.past, la.value.past, seqlens, total, *tables, attention_bias(la),
+            *[None] * 5, query_seqlens, num_outputs=3, domain=_MS, **la.attributes)
         to_bnsh = b.i64(0, 0, la.heads, la.head_dim)
         result = b.op("Transpose", b.op("Reshape", out, to_bnsh), perm=[0, 2, 1, 3])
         site.pv.outputs[0].replace_all_uses_with(result)

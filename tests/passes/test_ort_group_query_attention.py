@@ -53,8 +53,12 @@ def test_same_logits_as_the_portable_program(first, split, tmp_path):
     """Prefill, then decode steps (one row idle after the first): the runner over the
     GroupQueryAttention program gives the portable program's logits for every real row."""
     model, _ = _lowered()
-    portable = _portable()
     session = _session(model, tmp_path, rows=3)
+    assert session._split({"position_ids": np.array(first)}) == split
+    _compare_with_portable(session, _portable(), first)
+
+
+def _compare_with_portable(session, portable, first):
     rng = np.random.default_rng(0)
     k = np.zeros((3, HEADS, CTX, HEAD_DIM), np.float32)
     v = k.copy()
@@ -64,13 +68,53 @@ def test_same_logits_as_the_portable_program(first, split, tmp_path):
     for _ in range(4):
         steps.append((rng.integers(0, V, (3, 1)), np.where(pos.max(axis=1, keepdims=True) >= 0, nxt, -1)))
         nxt += 1
-    assert session._split({"position_ids": pos}) == split
     for ids, pos in steps:
         want = run(portable, {"input_ids": ids, "position_ids": pos, "past_key.0": k, "past_value.0": v})
         k, v = want["past_key.0_RetainedState"], want["past_value.0_RetainedState"]
         got = session.run(ids, pos, phase="decode" if pos.shape[1] == 1 else "prefill")
         rows = (pos >= 0).any(axis=1)
         np.testing.assert_allclose(got[rows], want["logits"][rows], atol=1e-5, rtol=0)
+
+
+def _alibi_model(scale_after: float | None = None) -> onnx.ModelProto:
+    """cache_model with an ALiBi bias, ``slope[h] * key position`` ``[1, H, 1, T]``, added to the
+    masked scores (then, with ``scale_after``, the sum scaled — the bias scaled too)."""
+    proto = cache_model(head_dim=HEAD_DIM)
+    graph = proto.graph
+    add = next(n for n in graph.node if n.output[0] == "masked")
+    add.output[0] = "masked_nobias"
+    slopes = (2.0 ** -np.arange(1, HEADS + 1)).astype(np.float32).reshape(1, HEADS, 1, 1)
+    graph.initializer.extend([numpy_helper.from_array(slopes, "alibi_slopes"),
+                              numpy_helper.from_array(np.array(scale_after or 1, np.float32), "after")])
+    nodes = [onnx.helper.make_node("Cast", ["cm_keys"], ["keys_f"], to=onnx.TensorProto.FLOAT),  # [T]
+             onnx.helper.make_node("Mul", ["alibi_slopes", "keys_f"], ["alibi"]),  # [1, H, 1, T]
+             onnx.helper.make_node("Add", ["masked_nobias", "alibi"], ["biased" if scale_after else "masked"])]
+    if scale_after:
+        nodes.append(onnx.helper.make_node("Mul", ["biased", "after"], ["masked"]))
+    at = list(graph.node).index(add) + 1
+    for i, node in enumerate(nodes):
+        graph.node.insert(at + i, node)
+    return proto
+
+
+def test_alibi_goes_in_as_the_attention_bias(tmp_path):
+    """An ALiBi bias on the scores becomes the kernel's attention_bias (sliced to the valid length),
+    proven by the check and giving the portable program's logits."""
+    model, stats = _lowered(_alibi_model())
+    assert stats["ort-gqa"]["lowered"] == 1
+    node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert node.inputs[10] is not None  # attention_bias
+    session = _session(model, tmp_path, rows=3)
+    _compare_with_portable(session, _portable(_alibi_model()), [[0, 1, 2, 3], [0, 1, -1, -1], [0, 1, 2, -1]])
+
+
+def test_a_bias_the_kernel_would_add_otherwise_keeps_the_valid_length_lowering():
+    """Scaled after it is added, the bias is not what the kernel adds (after its scale): the numeric
+    check refuses, and the valid-length lowering takes the layer."""
+    model, stats = _lowered(_alibi_model(scale_after=0.5))
+    assert stats["ort-gqa"]["lowered"] == 0 and "differs" in stats["ort-gqa"]["kept_reason"]
+    assert stats["ort-valid-attention"]["lowered"] == 1
+    assert "GroupQueryAttention" not in [n.op_type for n in model.graph]
 
 
 def test_a_chunk_reaching_past_the_cache_runs_row_by_row(tmp_path):
@@ -96,21 +140,6 @@ def test_continuous_batching_prefills_one_slot(tmp_path):
         got = session.run(ids, pos, batch_index=index, phase=phase)
         rows = (pos >= 0).any(axis=1)  # an idle slot's logits mean nothing
         np.testing.assert_allclose(got[rows], want["logits"][rows], atol=1e-5, rtol=0)
-
-
-def test_a_bias_on_the_scores_keeps_the_valid_length_lowering():
-    proto = cache_model(head_dim=HEAD_DIM)
-    graph = proto.graph
-    add = next(n for n in graph.node if n.output[0] == "masked")
-    add.output[0] = "masked_nobias"
-    bias = np.random.default_rng(1).standard_normal((1, HEADS, 1, 1)).astype(np.float32)
-    graph.initializer.append(numpy_helper.from_array(bias, "head_bias"))
-    graph.node.insert(list(graph.node).index(add) + 1,
-                      onnx.helper.make_node("Add", ["masked_nobias", "head_bias"], ["masked"]))
-    model, stats = _lowered(proto)
-    assert stats["ort-gqa"]["lowered"] == 0 and "bias" in stats["ort-gqa"]["kept_reason"]
-    assert stats["ort-valid-attention"]["lowered"] == 1
-    assert "GroupQueryAttention" not in [n.op_type for n in model.graph]
 
 
 def test_float16_cache_under_float32_compute_is_not_lowered():
