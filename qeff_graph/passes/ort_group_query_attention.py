@@ -245,7 +245,7 @@ def _layer(finder: _Finder, layer, sites: list[AttentionSite], io) -> _Layer:
         if [(n, i) for n, i, _v in reads] != [(reader, 1)]:
             others = [describe_node(n) for n, _i, _v in reads if n is not reader]
             raise UnsupportedGraphError(f"{where}: the {what} cache is also read by {(others or ['?'])[0]}")
-    q, k_new = site.scores.inputs[0], layer.key.writer.inputs[2]
+    q, k_new = site.scores.inputs[0], _new_rows(layer.key.writer)  # before the pad guard: its dims are plainer
     q_dims, k_dims = finder.dims(q), finder.dims(k_new)
     out_dims = finder.dims(site.pv.outputs[0])
     for name, dims in (("query", q_dims), ("new key", k_dims), ("attention output", out_dims)):

@@ -115,10 +115,9 @@ def test_pipeline_token_exact(family, exporter, family_model, family_export, tmp
     gqa, valid = stats["ort-gqa"], stats["ort-valid-attention"]
     # every layer lowered: GroupQueryAttention where proven, else attention over the valid length
     assert gqa["lowered"] == gqa["layers"] or valid["lowered"] == valid["layers"], (gqa, valid)
-    # ALiBi goes in as GroupQueryAttention's attention_bias; bloom's heads are folded into the batch, and
-    # dynamo's exports of these do not show their heads: the valid-length lowering
-    if family != "bloom" and not (exporter.startswith("dynamo")
-                                  and family in ("gpt2", "opt", "phi", "gptj", "stablelm", "mpt")):
+    # ALiBi goes in as GroupQueryAttention's attention_bias; bloom's heads are folded into the batch: the
+    # valid-length lowering
+    if family != "bloom":
         assert gqa["lowered"] == gqa["layers"], gqa
     if family in ROTARY_IN_KERNEL and gqa["lowered"]:  # the kernel applies the rotary, in gptj's pairs
         assert gqa["rotary"] == gqa["layers"], gqa
