@@ -51,10 +51,11 @@ the position mask (:func:`~qeff_graph.ir.mask_probe.probe_mask_windows`). One ad
 the scores (ALiBi: ``[B·N or N, 1 or S, ctx]`` or ``[B or 1, N or 1, 1 or S, ctx]``, computed by
 the graph as before) goes in as the kernel's ``attention_bias``, its key axis cut to
 ``total_sequence_length`` and broadcast to ``[.., S, total]``; the kernel adds it after its scale,
-so a bias the graph scales afterwards fails the check. Lowering is all or nothing: if one layer
-cannot be proven (a soft-cap not of the form ``c·tanh(x/c)``, a second bias, heads folded into
-the batch, a float16 cache under float32 compute, a cache read anywhere else), no layer is
-changed and ``stats`` says why — the program then keeps the valid-length lowering
+so a bias the graph scales afterwards fails the check. A query and attention output with the
+heads folded into the batch, ``[B·N, S, H]`` (bloom), are reshaped to ``[B, N, S, H]`` and back
+around the kernel (as many query heads as the cache holds; the check proves it). Lowering is all or nothing: if one layer
+cannot be proven (a soft-cap not of the form ``c·tanh(x/c)``, a second bias, a float16 cache
+under float32 compute, a cache read anywhere else), no layer is changed and ``stats`` says why — the program then keeps the valid-length lowering
 (:mod:`~qeff_graph.passes.ort_valid_attention`).
 """
 
@@ -109,6 +110,7 @@ class _Layer:
         self.softcap = 0.0  # c of c * tanh(scores / c); 0: none
         self.bias: ir.Value | None = None  # an additive bias on the scores (ALiBi): the kernel's attention_bias
         self.bias_rank = 0
+        self.folded = False  # query and output [B·N, S, H]: the heads folded into the batch
         self.form: _Form | None = None  # what the kernel reads, once proven
 
     @property
@@ -248,6 +250,10 @@ def _layer(finder: _Finder, layer, sites: list[AttentionSite], io) -> _Layer:
     q, k_new = site.scores.inputs[0], _new_rows(layer.key.writer)  # before the pad guard: its dims are plainer
     q_dims, k_dims = finder.dims(q), finder.dims(k_new)
     out_dims = finder.dims(site.pv.outputs[0])
+    folded = (q_dims is not None and out_dims is not None and len(q_dims) == len(out_dims) == 3
+              and k_dims is not None and len(k_dims) == 4 and isinstance(k_dims[1], int))
+    if folded:  # heads folded into the batch, [B·N, S, H] (bloom): as many query heads as the cache holds
+        q_dims, out_dims = [k_dims[0], k_dims[1], *q_dims[1:]], [k_dims[0], k_dims[1], *out_dims[1:]]
     for name, dims in (("query", q_dims), ("new key", k_dims), ("attention output", out_dims)):
         if dims is None or len(dims) != 4 or not isinstance(dims[1], int) or not isinstance(dims[3], int):
             raise UnsupportedGraphError(f"{where}: the {name} is not [batch, heads, seq, head_dim] with known heads "
@@ -259,6 +265,7 @@ def _layer(finder: _Finder, layer, sites: list[AttentionSite], io) -> _Layer:
     if len(dtypes) != 1 or dtypes.pop() not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
         raise UnsupportedGraphError(f"{where}: the cache and the attention compute in different types")
     la = _Layer(layer.index, site, layer.key, layer.value, heads, kv_heads, head_dim)
+    la.folded = folded
     la.softcap = softcap
     la.bias, la.bias_rank = bias, len(finder.dims(bias)) if bias is not None else 0
     return la
@@ -510,12 +517,12 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
     for positions in cases:
         batch, seq = positions.shape
 
-        def rows(heads):
+        def rows(heads, folded=False):
             shape = (batch, seq, heads * la.head_dim) if form.packed else (batch, heads, seq, la.head_dim)
-            return rng.standard_normal(shape).astype(dtype)
+            return rng.standard_normal(shape).astype(dtype).reshape((-1, seq, la.head_dim) if folded else shape)
 
         arrays = {io.input_ids: np.ones((batch, seq), np.int64), io.position_ids: positions.astype(np.int64),
-                  q: rows(la.heads), k_new: rows(la.kv_heads), v_new: rows(la.kv_heads),
+                  q: rows(la.heads, la.folded), k_new: rows(la.kv_heads), v_new: rows(la.kv_heads),
                   la.key.past: rng.standard_normal((batch, la.kv_heads, ctx, la.head_dim)).astype(dtype),
                   la.value.past: rng.standard_normal((batch, la.kv_heads, ctx, la.head_dim)).astype(dtype)}
         if io.batch_index is not None:
@@ -553,6 +560,8 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
             la.form = None
             raise UnsupportedGraphError(f"{where}: GroupQueryAttention does not run on the check's inputs: "
                                         f"{' '.join(str(exc).split())[:200]}") from None
+        if la.folded:
+            got = [got[0].reshape(batch, la.heads, seq, la.head_dim), *got[1:]]
         valid = positions >= 0
         seen = [valid[:, None, :, None], np.arange(ctx)[None, None, :, None] < ctx - 1]  # pads: module docstring
         for name, a, b, where_ in zip(("output", "key cache", "value cache"), got[:3], want, [seen[0], *seen[1:] * 2]):
@@ -628,8 +637,10 @@ def _run_gqa(session, arrays, la: _Layer, form: _Form, positions, extra: dict) -
 
     batch, seq = positions.shape
 
-    def packed(a):  # [B, N, S, H] -> [B, S, N*H]
-        return a if form.packed else np.ascontiguousarray(a.transpose(0, 2, 1, 3).reshape(batch, seq, -1))
+    def packed(a):  # [B, N, S, H] (or [B·N, S, H]) -> [B, S, N*H]
+        if form.packed:
+            return a
+        return np.ascontiguousarray(a.reshape(batch, -1, seq, a.shape[-1]).transpose(0, 2, 1, 3).reshape(batch, seq, -1))
 
     caches = [arrays[la.key.past].copy(), arrays[la.value.past].copy()]
     binding = session.io_binding()
@@ -748,13 +759,19 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
         if form.packed:
             packed = [form.q, form.k, form.v]
         else:
-            packed = [b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), to_bsd) for x in (form.q, form.k, form.v)]
+            heads_first = [form.q, form.k, form.v]
+            if la.folded:  # [B·N, S, H] -> [B, N, S, H]
+                heads_first[0] = b.op("Reshape", form.q, b.op("Concat", b.i64(-1, la.heads),
+                                                              b.op("Shape", form.q, start=1), axis=0))
+            packed = [b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), to_bsd) for x in heads_first]
         tables = rotary(form) if form.cos is not None else [None] * 3
         out, present_k, present_v = b.op_multi(
             "GroupQueryAttention", *packed, la.key.past, la.value.past, seqlens, total, *tables, attention_bias(la),
             *[None] * 5, query_seqlens, num_outputs=3, domain=_MS, **la.attributes)
         to_bnsh = b.i64(0, 0, la.heads, la.head_dim)
         result = b.op("Transpose", b.op("Reshape", out, to_bnsh), perm=[0, 2, 1, 3])
+        if la.folded:  # back to [B·N, S, H]
+            result = b.op("Reshape", result, b.op("Concat", b.i64(-1), b.op("Shape", result, start=2), axis=0))
         site.pv.outputs[0].replace_all_uses_with(result)
         for node, dims in la.shape_reads:
             _replace_shape_read(b, node, dims)

@@ -113,12 +113,9 @@ def test_pipeline_token_exact(family, exporter, family_model, family_export, tmp
     program = qg.optimize(res.onnx_path, tmp_path / "program", ctx_len=CTX_LEN, prompt_len=PROMPT_LEN, batch_size=4)
     stats = {e["pass"]: e["stats"] for e in program.manifest["pipeline"]}
     gqa, valid = stats["ort-gqa"], stats["ort-valid-attention"]
-    # every layer lowered: GroupQueryAttention where proven, else attention over the valid length
-    assert gqa["lowered"] == gqa["layers"] or valid["lowered"] == valid["layers"], (gqa, valid)
-    # ALiBi goes in as GroupQueryAttention's attention_bias; bloom's heads are folded into the batch: the
-    # valid-length lowering
-    if family != "bloom":
-        assert gqa["lowered"] == gqa["layers"], gqa
+    assert valid["lowered"] == 0, valid
+    # every family: GroupQueryAttention (ALiBi as its attention_bias; bloom's heads folded into the batch)
+    assert gqa["lowered"] == gqa["layers"], gqa
     if family in ROTARY_IN_KERNEL and gqa["lowered"]:  # the kernel applies the rotary, in gptj's pairs
         assert gqa["rotary"] == gqa["layers"], gqa
         graph = onnx.load(program.path / "model.onnx", load_external_data=False).graph
