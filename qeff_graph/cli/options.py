@@ -12,9 +12,9 @@ import argparse
 import os
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "add", "add_compression_options", "add_program_options", "add_qaic_options",
-           "add_run_options", "add_accuracy_level", "check_run_outputs", "device_group", "positive_int", "positive_ints",
-           "spec_options", "read_prompts", "read_texts", "SPEC_ARGS"]
+__all__ = ["HelpFormatter", "add", "add_accuracy_level", "add_compression_options", "add_program_options",
+           "add_qaic_options", "add_run_options", "check_run_outputs", "device_group", "positive_int",
+           "positive_ints", "spec_options", "read_prompts", "read_texts", "SPEC_ARGS"]
 
 # argparse dests that are ProgramSpec fields
 SPEC_ARGS = ("ctx_len", "prompt_len", "batch_size", "full_batch_size", "kv_dtype", "weight_bits", "passes",

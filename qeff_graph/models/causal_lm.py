@@ -151,8 +151,9 @@ class QEFFAutoModelForCausalLM(CachedModel):
 
     def draft_program(self, draft: str):
         """The program of a draft for this model's program: ``"self-int4"`` (this model with
-        4-bit weights, int8 compute: ``SELF_DRAFT_ACCURACY_LEVEL``) or another model (a path or hub id) compiled through this model's cache
-        with the same shapes; returns a :class:`~qeff_graph.program.Program`."""
+        4-bit weights, int8 compute: ``SELF_DRAFT_ACCURACY_LEVEL``) or another model (a path or hub
+        id) compiled through this model's cache with the same shapes; returns a
+        :class:`~qeff_graph.program.Program`."""
         self._runnable()
         shapes = _draft_spec(self.spec)
         if draft == "self-int4":

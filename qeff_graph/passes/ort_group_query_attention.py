@@ -53,9 +53,10 @@ the graph as before) goes in as the kernel's ``attention_bias``, its key axis cu
 ``total_sequence_length`` and broadcast to ``[.., S, total]``; the kernel adds it after its scale,
 so a bias the graph scales afterwards fails the check. A query and attention output with the
 heads folded into the batch, ``[B·N, S, H]`` (bloom), are reshaped to ``[B, N, S, H]`` and back
-around the kernel (as many query heads as the cache holds; the check proves it). Lowering is all or nothing: if one layer
-cannot be proven (a soft-cap not of the form ``c·tanh(x/c)``, a second bias, a float16 cache
-under float32 compute, a cache read anywhere else), no layer is changed and ``stats`` says why — the program then keeps the valid-length lowering
+around the kernel (as many query heads as the cache holds; the check proves it). Lowering is
+all or nothing: if one layer cannot be proven (a soft-cap not of the form ``c·tanh(x/c)``, a
+second bias, a float16 cache under float32 compute, a cache read anywhere else), no layer is
+changed and ``stats`` says why — the program then keeps the valid-length lowering
 (:mod:`~qeff_graph.passes.ort_valid_attention`).
 """
 
@@ -109,21 +110,22 @@ class _Layer:
         self.window: int | None = None
         self.softcap = 0.0  # c of c * tanh(scores / c); 0: none
         self.bias: ir.Value | None = None  # an additive bias on the scores (ALiBi): the kernel's attention_bias
-        self.bias_rank = 0
+        self.bias_rank = 0  # 3: [B·N or N, 1 or S, ctx]; 4: [B or 1, N or 1, 1 or S, ctx]
         self.folded = False  # query and output [B·N, S, H]: the heads folded into the batch
         self.form: _Form | None = None  # what the kernel reads, once proven
 
     @property
     def attributes(self) -> dict:
         form = self.form
-        rotary = {"do_rotary": 1, "rotary_interleaved": int(form.interleaved)} if form is not None and form.cos else {}
+        rotary = {} if form is None or form.cos is None else {"do_rotary": 1,
+                                                               "rotary_interleaved": int(form.interleaved)}
         return {"num_heads": self.heads, "kv_num_heads": self.kv_heads, "scale": float(self.scale),
                 "local_window_size": self.window if self.window else -1, "softcap": float(self.softcap), **rotary}
 
 
 class _Form:
     """The kernel's q/k/v for one layer: ``packed`` — ``[B, S, N·H]`` values before the exporter's
-    head reshape, with the rotary (``cos``/``sin``, the ``[.., S, H]`` tables the graph multiplies
+    head reshape, with the rotary (``cos``/``sin``, the ``[.., S, R]`` tables the graph multiplies
     by) done by the kernel — or the ``[B, N, S, H]`` values the attention read (rotary already
     applied), transposed and reshaped for the kernel. ``scalars``: every scalar factor between
     these values and the softmax, ``(operand, divides)``. A rotary turns the first ``rotary_dim``
@@ -232,12 +234,12 @@ def _layer(finder: _Finder, layer, sites: list[AttentionSite], io) -> _Layer:
         raise UnsupportedGraphError(f"{where}: soft-capped scores not in the form c * tanh(x / c) "
                                     f"({describe_node(site.scores)})")
     biases = [term for term in site.terms if not term.mask_only]
-    bias = None
+    bias, bias_rank = None, 0
     if biases:  # one additive term (ALiBi): the kernel's attention_bias, if the check agrees
         term = biases[0]
         bias = term.node.inputs[term.index]
-        dims = finder.dims(bias)
-        if len(biases) > 1 or term.masked or term.node.op_type != "Add" or dims is None or len(dims) not in (3, 4):
+        bias_rank = len(finder.dims(bias) or [])
+        if len(biases) > 1 or term.masked or term.node.op_type != "Add" or bias_rank not in (3, 4):
             raise UnsupportedGraphError(f"{where}: a bias is added to the scores in a form GroupQueryAttention has no "
                                         f"input for ({describe_node(term.node)})")
     for entry, reader, what in ((layer.key, site.scores, "key"), (layer.value, site.pv, "value")):
@@ -267,7 +269,7 @@ def _layer(finder: _Finder, layer, sites: list[AttentionSite], io) -> _Layer:
     la = _Layer(layer.index, site, layer.key, layer.value, heads, kv_heads, head_dim)
     la.folded = folded
     la.softcap = softcap
-    la.bias, la.bias_rank = bias, len(finder.dims(bias)) if bias is not None else 0
+    la.bias, la.bias_rank = bias, bias_rank
     return la
 
 
@@ -379,9 +381,9 @@ def _rotary_form(finder: _Finder, la: _Layer, io, plain: _Form) -> list[_Form] |
     factors, ``Mul``/``Add``/``Neg``/``Slice``/``Split``/``Concat`` (a rotary), one value
     ``[batch, seq, heads·head_dim]`` that does not depend on the positions (the projection
     output), and the position-dependent operands of its ``Mul``s must be the same two tables
-    ``[.., seq, rotary_dim]`` for query and key (``rotary_dim`` a multiple of 16, the kernel's rule,
-    at most head_dim: a partial rotary leaves the rest of each head as it is). Which is cos, and which pairing the rotary
-    uses, the numeric check decides."""
+    ``[.., seq, rotary_dim]`` for query and key (``rotary_dim`` a multiple of 16, the kernel's
+    rule, at most head_dim: a partial rotary leaves the rest of each head as it is). Which is cos,
+    and which pairing the rotary uses, the numeric check decides."""
     if io.position_ids is None:
         return None
     for packed in (True, False):  # the projections, else (fused Q/K/V) the heads before the rotary
@@ -440,12 +442,14 @@ def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: b
             continue
         seen.add(value)
         dims = finder.dims(value)
-        if value is not start and (dims == start_dims and value.producer() is not None
-                                   and value.producer().op_type not in _ROTARY_ARITHMETIC if heads_layout else
-                                   dims is not None and len(dims) == 3 and dims[2] == width and dims[:2] == batch_seq):
+        node = value.producer()
+        if heads_layout:  # the heads before the rotary: shaped as start, not made by rotary arithmetic
+            top = dims == start_dims and node is not None and node.op_type not in _ROTARY_ARITHMETIC
+        else:  # the projection
+            top = dims is not None and len(dims) == 3 and dims[2] == width and dims[:2] == batch_seq
+        if top and value is not start:
             tops.add(value)
             continue
-        node = value.producer()
         if node is None or len(seen) > 64:
             return None
         allowed = _VIEW_OPS if layout_only else _VIEW_OPS | _ROTARY_OPS
@@ -553,7 +557,8 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
                 extra["attention_bias"] = _attention_bias(got[-1], la.heads, seq, total)
         except ValueError as exc:  # tables (or a bias) of another shape than the kernel's
             la.form = None
-            raise UnsupportedGraphError(f"{where}: the rotary tables or the bias do not fit the kernel's: {exc}") from None
+            raise UnsupportedGraphError(f"{where}: the rotary tables or the bias do not fit the kernel's: "
+                                        f"{exc}") from None
         try:
             want = _run_gqa(reference, arrays, la, form, positions, extra)
         except Exception as exc:  # noqa: BLE001 - the kernel refused this reading of the layer
@@ -640,7 +645,8 @@ def _run_gqa(session, arrays, la: _Layer, form: _Form, positions, extra: dict) -
     def packed(a):  # [B, N, S, H] (or [B·N, S, H]) -> [B, S, N*H]
         if form.packed:
             return a
-        return np.ascontiguousarray(a.reshape(batch, -1, seq, a.shape[-1]).transpose(0, 2, 1, 3).reshape(batch, seq, -1))
+        heads_first = a.reshape(batch, -1, seq, a.shape[-1])
+        return np.ascontiguousarray(heads_first.transpose(0, 2, 1, 3).reshape(batch, seq, -1))
 
     caches = [arrays[la.key.past].copy(), arrays[la.value.past].copy()]
     binding = session.io_binding()
@@ -711,7 +717,7 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
     seq = b.op("Squeeze", b.op("Shape", io.position_ids, start=1, end=2), b.i64(0))
     total = b.op("Cast", b.op("Max", longest, seq), to=ir.DataType.INT32)
     to_bsd = b.i64(0, 0, -1)
-    caches: dict = {}  # (cos, sin, head_dim) -> the kernel's rotary inputs, shared by the layers
+    caches: dict = {}  # (cos, sin, rotary_dim, interleaved) -> the kernel's rotary inputs, shared by the layers
 
     def rotary(form: _Form) -> list[ir.Value]:
         width = form.rotary_dim

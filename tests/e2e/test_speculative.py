@@ -153,7 +153,8 @@ def test_api_drafts_and_tokenizer_check(tmp_path):
     # a draft only proposes: int8 compute (faster, not exact) is what it is built with
     assert int4.spec.accuracy_level == SELF_DRAFT_ACCURACY_LEVEL == 4
     graph = onnx.load(int4.path / "model.onnx", load_external_data=False).graph
-    assert {onnx.helper.get_node_attr_value(n, "accuracy_level") for n in graph.node if n.op_type == "MatMulNBits"} == {4}
+    levels = {onnx.helper.get_node_attr_value(n, "accuracy_level") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert levels == {4}
     for draft, name in [(None, "prompt-lookup"), ("prompt-lookup", "prompt-lookup"), ("self-int4", "self-int4"),
                         (str(int4.path), "self-int4"), (int4, "self-int4")]:
         out = model.generate(prompts=texts, generation_len=N, draft=draft)

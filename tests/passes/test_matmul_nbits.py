@@ -410,7 +410,8 @@ def test_gguf_block_types_dequantize_bit_for_bit(type_name):
     want = np.asarray(gguf.dequantize(raw, gguf.GGMLQuantizationType[type_name]), np.float32).reshape(6, 512)
     blocks = _carry(type_name, raw, 512)
     assert blocks.zero_points is None  # ORT's default zero point: the kernels' symmetric path
-    assert (blocks.bits, blocks.block_size) == ((4, 32) if type_name == "Q4_K" else (8, 16 if type_name == "Q6_K" else 32))
+    want_form = (4, 32) if type_name == "Q4_K" else (8, 16) if type_name == "Q6_K" else (8, 32)
+    assert (blocks.bits, blocks.block_size) == want_form
     np.testing.assert_array_equal(blocks.dequantize().view(np.uint32), want.view(np.uint32))
     if blocks.bits == 8:  # the same numbers (Q6_K's negative scales: -0.0 there may come out as 0.0)
         np.testing.assert_array_equal(blocks.as_halves().dequantize(), want)
@@ -438,7 +439,8 @@ def test_gguf_k_quants_carried_exactly(tmp_path):
     perm = rng.permutation(48)
     inits = {f"w{t}": (deq[t][perm] if t == "Q4_K" else deq[t]).T.copy() for t in shapes}
     nodes = [helper.make_node("MatMul", ["x", w], [w[1:]]) for w in inits]
-    proto = _model(nodes, [vi("x", TensorProto.FLOAT, [2, 3, 256])], [vi(w[1:], TensorProto.FLOAT, None) for w in inits],
+    outputs = [vi(w[1:], TensorProto.FLOAT, None) for w in inits]
+    proto = _model(nodes, [vi("x", TensorProto.FLOAT, [2, 3, 256])], outputs,
                    [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = to_ir(proto)
     p = MatMulNBits(weight_bits=4, gguf=str(path), pack=False)
