@@ -33,8 +33,11 @@ tied embedding) or a GGUF tensor carried exactly (a GGUF export's embedding) bec
 
 ``accuracy_level`` ``"auto"`` is 1: float compute, so the program computes with exactly the
 weights written. ORT's CPU kernels have no float-compute 8-bit path (a 576x1536 8-bit matmul took
-1.7-5 ms at levels 0/1, 25-70x its 4-bit time, 1 thread), so 8-bit blocks run as two 4-bit halves over
-``[A, A]``: ``(q - z)*s = (q>>4 - z>>4)*16s + (q&15 - z&15)*s``, both exact. Level 4 (int8
+1.7-5 ms at levels 0/1, 25-70x its 4-bit time, 1 thread), so 8-bit blocks run as two 4-bit halves:
+``(q - z)*s = (q>>4 - z>>4)*16s + (q&15 - z&15)*s``, both exact, each a MatMulNBits over A, their
+outputs added (one MatMulNBits over ``[A, A]`` with K doubled took twice as long: SmolLM2's
+576x49152 LM head 4.0-4.3 ms against 2.2 ms, a 576x3072 weight 256-270 against 149-155 us per
+layer, 30 layers streamed, 2 threads, AVX-512). Level 4 (int8
 compute, activations quantized per block) keeps true 8-bit blocks and is ~2x faster here, but
 moves greedy text: measured on SmolLM2-135M (ORT 1.32, 2-core AVX2, 6 chat prompts x 64 greedy
 tokens, share before the first difference from fp32; decode tok/s from one run, batch 1, the
@@ -121,21 +124,43 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.initializers.pop(value.name)
 
 
+class _Part:
+    """One MatMulNBits' ``B`` / ``scales`` / ``zero_points`` initializers (and, made on demand,
+    the ``scales`` / ``zero_points`` a GatherBlockQuantized on the same ``B`` reads)."""
+
+    def __init__(self, q: _Quantized, blocks: Blocks, dtype: np.dtype, suffix: str):
+        self.q, self.suffix = q, suffix
+        self.b = q._init(f"_Q{blocks.bits}{suffix}", blocks.packed())
+        self.scales = q._init(f"_scales{suffix}", blocks.scales.astype(dtype).reshape(-1))
+        zp = blocks.packed_zero_points()
+        self.zero_points = None if zp is None else q._init(f"_zero_points{suffix}", zp)
+        self._zp_blocks = blocks.zero_points
+        self._gather = None
+
+    def gather_inputs(self) -> tuple[ir.Value, ir.Value | None]:
+        """``(scales [N, nb, 1], zero_points [N, nb, 1] | None)`` for a GatherBlockQuantized."""
+        if self._gather is None:
+            q, sfx = self.q, self.suffix
+            scales = q._init(f"_gather_scales{sfx}", self.scales.const_value.numpy().reshape(q.n, -1, 1))
+            zp = None if self._zp_blocks is None else \
+                q._init(f"_gather_zero_points{sfx}", self._zp_blocks.reshape(q.n, -1, 1))
+            self._gather = (scales, zp)
+        return self._gather
+
+
 class _Quantized:
-    """One weight in MatMulNBits form: its initializers (and those GatherBlockQuantized needs)."""
+    """One weight in MatMulNBits form: its initializers (and those GatherBlockQuantized needs).
+    ``parts``: one, or two for 8-bit halves (high-nibble and low-nibble 4-bit blocks, each a
+    MatMulNBits over the same A, their outputs added)."""
 
     def __init__(self, pass_: MatMulNBits, graph: ir.Graph, base: str, blocks: Blocks, dtype: np.dtype):
         self.graph, self.base, self.pass_ = graph, base, pass_
         self.bits, self.block_size, self.k, self.n = blocks.bits, blocks.block_size, blocks.k, blocks.n
-        self.nb, self.halves, self.origin = blocks.k_blocks, blocks.halves, blocks.origin
-        self.k_attr = 2 * self.k if self.halves else self.k  # halves: MatMulNBits reads [A, A]
-        self.b = self._init(f"_Q{self.bits}", blocks.packed())
-        self.scales = self._init("_scales", blocks.scales.astype(dtype).reshape(-1))
-        zp = blocks.packed_zero_points()
-        self.zero_points = None if zp is None else self._init("_zero_points", zp)
+        self.nb, self.origin, self.dtype = blocks.k_blocks, blocks.origin, np.dtype(dtype)
+        parts = blocks.parts()
+        self.parts = [_Part(self, p, dtype, "" if len(parts) == 1 else sfx) for p, sfx in zip(parts, ("_hi", "_lo"))]
         self.mins = None if blocks.mins is None else blocks.mins.astype(dtype)
-        self._zp_blocks = blocks.zero_points
-        self._mins_t = self._gbq = None
+        self._mins_t = self._gather_mins = None
 
     def _init(self, suffix: str, data: np.ndarray) -> ir.Value:
         name, i = f"{self.base}{suffix}", 0
@@ -149,21 +174,21 @@ class _Quantized:
         self.pass_.stats["bytes_after"] += data.nbytes
         return value
 
+    @property
+    def ir_dtype(self) -> ir.DataType:
+        return ir.DataType.from_numpy(self.dtype)
+
     def mins_t(self) -> ir.Value:
         """``[k_blocks, N]``: the block minima as the second operand of the correction MatMul."""
         if self._mins_t is None:
             self._mins_t = self._init("_mins", np.ascontiguousarray(self.mins.T))
         return self._mins_t
 
-    def gather_inputs(self) -> tuple[ir.Value, ir.Value | None, ir.Value | None]:
-        """``(scales [N, nb, 1], zero_points [N, nb, 1] | None, mins [N, nb] | None)`` for Gathers."""
-        if self._gbq is None:
-            scales = self.scales.const_value.numpy().reshape(self.n, -1, 1)
-            zp = None if self._zp_blocks is None else \
-                self._init("_gather_zero_points", self._zp_blocks.reshape(self.n, -1, 1))
-            mins = None if self.mins is None else self._init("_gather_mins", self.mins)
-            self._gbq = (self._init("_gather_scales", scales), zp, mins)
-        return self._gbq
+    def gather_mins(self) -> ir.Value | None:
+        """``[N, nb]``: the block minima a Gather adds, or None."""
+        if self.mins is not None and self._gather_mins is None:
+            self._gather_mins = self._init("_gather_mins", self.mins)
+        return self._gather_mins
 
 
 @register("matmul-nbits")
@@ -183,7 +208,7 @@ class MatMulNBits(ir.passes.InPlacePass):
         ``gguf``: float32 weights, each the exact dequantization of (rows of) a GGUF tensor.
     Guarantees:
         Each such MatMul is a ``MatMulNBits`` (+ the block-minimum correction where blocks have a
-        minimum; 8-bit blocks below level 4 as two 4-bit halves over ``[A, A]``) writing the same
+        minimum; 8-bit blocks below level 4 as two 4-bit halves, added) writing the same
         output value (graph outputs keep their names), computing A @ dequantized(W); carried
         weights dequantize bit-equal to the float weights (checked here); each weight
         is quantized once; a Gather over a tied or carried table is a ``GatherBlockQuantized``;
@@ -351,37 +376,37 @@ class MatMulNBits(ir.passes.InPlacePass):
         nodes = node if isinstance(node, list) else [node]
         node = nodes[0]
         a = node.inputs[0]
-        if q.halves:  # [A, A] against the high- and low-nibble blocks
-            if ("AA", id(a)) not in sums:
-                sums[("AA", id(a))] = b.op("Concat", a, a, axis=-1)
-            a = sums[("AA", id(a))]
-        inputs = [a, q.b, q.scales] + ([q.zero_points] if q.zero_points is not None else [])
-        y = b.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=q.k_attr, N=q.n, bits=q.bits,
-                 block_size=q.block_size, **extra)
+        y = None
+        for part in q.parts:  # 8-bit halves: a MatMulNBits per 4-bit half, added
+            inputs = [a, part.b, part.scales] + ([part.zero_points] if part.zero_points is not None else [])
+            out = b.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=q.k, N=q.n, bits=q.bits,
+                       block_size=q.block_size, **extra)
+            y = out if y is None else b.op("Add", y, out)
         if q.mins is not None:
             y = b.op("Add", y, b.op("MatMul", self._block_sums(b, graph, node.inputs[0], q, sums), q.mins_t()))
         ys = [y] if sizes is None else b.op_multi("Split", y, b.i64(*sizes), axis=-1, num_outputs=len(sizes))
         for each, y in zip(nodes, ys):
             old = each.outputs[0]
-            _replace(b, graph, each, old, y, old.dtype or q.scales.dtype)  # MatMulNBits' output type is A's = W's
+            _replace(b, graph, each, old, y, old.dtype or q.ir_dtype)  # MatMulNBits' output type is A's = W's
 
     def _rewrite_gather(self, b: Builder, graph: ir.Graph, node: ir.Node, q: _Quantized) -> None:
         ids = node.inputs[1]
-        scales, zp, mins = q.gather_inputs()
         old = node.outputs[0]
-        inputs = [q.b, ids, scales] + ([zp] if zp is not None else [])
-        y = b.op("GatherBlockQuantized", *inputs, domain=MS_DOMAIN, bits=q.bits,
-                 block_size=q.block_size, gather_axis=0, quantize_axis=2)  # [*ids, nb, block]
-        rank = ids.shape.rank()
-        if q.halves:  # [*ids, 2 * nb, block]: high-nibble blocks, then low-nibble ones
-            y = b.op("Reshape", y, b.i64(*([0] * rank), 2, q.nb, q.block_size))
-            y = b.op("ReduceSum", y, b.i64(-3), keepdims=0)
+        y = None
+        for part in q.parts:  # [*ids, nb, block] each; 8-bit halves: high-nibble + low-nibble blocks
+            scales, zp = part.gather_inputs()
+            inputs = [part.b, ids, scales] + ([zp] if zp is not None else [])
+            out = b.op("GatherBlockQuantized", *inputs, domain=MS_DOMAIN, bits=q.bits,
+                       block_size=q.block_size, gather_axis=0, quantize_axis=2)
+            y = out if y is None else b.op("Add", y, out)
+        mins = q.gather_mins()
         if mins is not None:
             y = b.op("Add", y, b.op("Unsqueeze", b.op("Gather", mins, ids, axis=0), b.i64(-1)))
+        rank = ids.shape.rank()
         y = b.op("Reshape", y, b.i64(*([0] * rank), q.nb * q.block_size))
         if q.nb * q.block_size != q.k:
             y = b.op("Slice", y, b.i64(0), b.i64(q.k), b.i64(-1))
-        _replace(b, graph, node, old, y, old.dtype or q.scales.dtype)  # a Gather gives its table's type = W's
+        _replace(b, graph, node, old, y, old.dtype or q.ir_dtype)  # a Gather gives its table's type = W's
         self.stats["gathers"] += 1
 
     def _gather_table(self, node: ir.Node) -> ir.Value | None:

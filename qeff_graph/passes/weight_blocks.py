@@ -9,7 +9,8 @@ compute with, plus an optional per-block offset::
 ``zero_points`` None means ORT's default ``2^(bits-1)``. ``mins`` (a block's float minimum, as
 in GGUF's ``Q4_1``) has no MatMulNBits input: the pass adds it as ``(x summed per block) @ mins^T``.
 ``halves``: 8-bit codes stored as 4-bit high-nibble blocks then low-nibble blocks (see
-:meth:`Blocks.as_halves`).
+:meth:`Blocks.as_halves`), computed as two 4-bit MatMulNBits whose outputs are added
+(:meth:`Blocks.parts`).
 
 * :func:`quantize_float` — a float weight: round to nearest on each block's own [min, max] with
   a float minimum, or on a symmetric grid where that has the smaller squared error (exact for
@@ -71,7 +72,7 @@ class Blocks:
         return self.q.shape[1] // (2 if self.halves else 1)
 
     def as_halves(self) -> Blocks:
-        """8-bit blocks as two 4-bit ones over ``[x, x]``: ``(q - z)*s = (q>>4 - z>>4)*16s +
+        """8-bit blocks as two 4-bit ones, each over ``x``: ``(q - z)*s = (q>>4 - z>>4)*16s +
         (q&15 - z&15)*s`` (each term exact in float32; so is the sum for float16-precision scales,
         as GGUF's) — ORT's CPU MatMulNBits has no float-compute 8-bit kernel, its 4-bit one is
         fast. Needs K a multiple of the block size."""
@@ -82,6 +83,20 @@ class Blocks:
             self, q=np.concatenate([self.q >> 4, self.q & 15], axis=1), bits=4, halves=True,
             scales=np.concatenate([scales * 16, scales], axis=1).astype(self.scales.dtype),
             zero_points=np.concatenate([zp >> 4, zp & 15], axis=1))
+
+    def parts(self) -> list[Blocks]:
+        """The blocks one ``MatMulNBits`` each computes with: halves as their high-nibble and
+        low-nibble 4-bit blocks (summed by an Add), else ``[self]``. ``mins`` stay with the whole."""
+        if not self.halves:
+            return [self]
+        nb, default = self.k_blocks, 2 ** (self.bits - 1)
+        parts = []
+        for part in (slice(0, nb), slice(nb, 2 * nb)):
+            zp = None if self.zero_points is None else self.zero_points[:, part]
+            parts.append(dataclasses.replace(self, q=self.q[:, part], scales=self.scales[:, part], mins=None,
+                                             halves=False, zero_points=None if zp is None or (zp == default).all()
+                                             else zp))
+        return parts
 
     @classmethod
     def stack(cls, parts: list[Blocks]) -> Blocks:

@@ -43,12 +43,13 @@ ENCODER_SEQ_LEN = 128  # the encoder's seq_len specialization when none is given
 # fields that change model.onnx (the rest only change specializations, IO precisions, backend files)
 GRAPH_FIELDS = ("kind", "kv_dtype", "weight_bits", "passes", "sliding_window", "full_batch_size", "pooling",
                 "normalize", "num_speculative_tokens", "weight_scheme", "ort_lowering", "accuracy_level")
-# how weight_bits quantizes (matmul-nbits): 5 = as 4, and a GGUF's Q5_0/Q5_1/Q4_K/Q5_K/Q6_K tensors
+# how weight_bits quantizes (matmul-nbits): 6 = as 5, 8-bit blocks at float compute as two 4-bit
+# MatMulNBits over A, added (5: one over [A, A]); 5 = as 4, and a GGUF's Q5_0/Q5_1/Q4_K/Q5_K/Q6_K tensors
 # carried (no longer re-quantized); 4 = as 3, with the MatMuls of one input packed into one
 # MatMulNBits (Q/K/V, gate/up); 3 = blocks with a float minimum, a GGUF export's own blocks carried,
 # float compute (issue 11); 1 = symmetric re-quantization, int8 compute (programs built before: their
 # manifests lack the field); 2 = development builds of issue 11 (never reused)
-WEIGHT_SCHEME = 5
+WEIGHT_SCHEME = 6
 # programs on ort are lowered to ONNX Runtime's kernels (encoders: the ort-fuse-encoder pass; causal
 # LMs: ort-gqa where it proves every layer, else ort-valid-attention); this version is part of their cache
 # key. 0: the portable graph (ort_lowering=0, and manifests built before the lowering, which lack the

@@ -120,8 +120,9 @@ def test_mxfp6_num_cores_and_write_io_dir(smollm2_infer, tmp_path):
     assert len(programs) == 1
     graph = onnx.load(str(programs[0] / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
-    # every projection and the tied LM head; Q/K/V and gate/up packed: 30 x 4 + 1
-    assert ops.count("MatMulNBits") == 30 * 4 + 1 and ops.count("Split") >= 60
+    # every projection and the tied LM head; Q/K/V and gate/up packed: 30 x 4 + 1, each 8-bit
+    # weight as two 4-bit halves (float compute)
+    assert ops.count("MatMulNBits") == 2 * (30 * 4 + 1) and ops.count("Split") >= 60
     data = sum(f.stat().st_size for f in programs[0].glob("*.data"))
     assert data < 0.5 * 538e6, data  # int8 weights + the fp32 embedding, not a copy of the fp32 file
     fp32, q = json.loads(fp32_json.read_text()), json.loads(q_json.read_text())

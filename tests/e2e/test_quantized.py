@@ -57,7 +57,7 @@ def test_int4_program_computes_with_the_gguf_weights_exactly(programs, smollm2_e
     assert log["params"]["gguf"] == str(path.resolve())
     assert {k: log["stats"][k] for k in ("quantized", "carried", "requantized", "gathers")} == {
         "quantized": 211, "carried": 211, "requantized": 0, "gathers": 1}  # 30 x 7 + the tied head
-    assert program.manifest["options"]["weight_scheme"] == WEIGHT_SCHEME == 5
+    assert program.manifest["options"]["weight_scheme"] == WEIGHT_SCHEME == 6
 
     model = qir.load(program.onnx_path)
     weights = effective_weights(model)  # from the program's own B / scales / zero points / minima
@@ -73,10 +73,12 @@ def test_int4_program_computes_with_the_gguf_weights_exactly(programs, smollm2_e
     assert None not in found.values(), [n for n, t in found.items() if t is None]
     assert {t for _, t in found.values()} == {"Q4_1", "Q8_0"}
     assert sum(t == "Q8_0" for _, t in found.values()) == 1  # the LM head: token_embd, tied
-    # the embedding reads the head's blocks (GatherBlockQuantized on the same B)
-    (gbq,) = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    # the embedding reads the head's blocks (GatherBlockQuantized on the same B); Q8_0 runs as
+    # two 4-bit halves (high and low nibbles), each a MatMulNBits over the same input, added
+    gbqs = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
     heads = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["N"].value == 49152]
-    assert len(heads) == 1 and gbq.inputs[0] is heads[0].inputs[1]
+    assert len(heads) == len(gbqs) == 2 and heads[0].inputs[0] is heads[1].inputs[0]
+    assert {g.inputs[0].name for g in gbqs} == {h.inputs[1].name for h in heads}
     assert program.manifest["weight_bytes"] < 0.25 * programs["fp32"].manifest["weight_bytes"]
 
 

@@ -1,8 +1,8 @@
 """Read back what ``matmul-nbits`` wrote: the float weight each MatMulNBits computes with.
 
 Only the program's own initializers are used: ``B`` codes, ``scales``, ``zero_points`` (ORT's
-default ``2^(bits-1)`` when absent), the 8-bit-as-two-4-bit-halves form (``MatMulNBits`` over
-``Concat(A, A)``) and the ``Q4_1`` block-minimum correction (``Add(MatMulNBits, MatMul(A @ E,
+default ``2^(bits-1)`` when absent), the 8-bit-as-two-4-bit-halves form (``Add`` of two
+``MatMulNBits`` over the same A) and the ``Q4_1`` block-minimum correction (``Add(MatMulNBits, MatMul(A @ E,
 mins))``), in the order ORT's definition gives: ``(q - zero_point) * scale (+ min)`` in float32.
 """
 
@@ -34,30 +34,47 @@ def zero_points(node: ir.Node, n: int, nb: int, bits: int) -> np.ndarray:
     return zp[:, :nb].astype(np.float32)
 
 
-def effective_weight(node: ir.Node) -> np.ndarray:
-    """The ``[K, N]`` float32 weight a ``MatMulNBits`` node (with its correction) multiplies by."""
-    a, b, scales = node.inputs[:3]
+def _codes_weight(node: ir.Node) -> np.ndarray:
+    """``[N, K]``: ``(q - zero_point) * scale`` of one MatMulNBits, in float32."""
+    b, scales = node.inputs[1:3]
     k, n = node.attributes["K"].value, node.attributes["N"].value
-    bits, block = node.attributes["bits"].value, node.attributes["block_size"].value
+    bits = node.attributes["bits"].value
     q = unpack(_array(b), bits).astype(np.float32)
     nb = q.shape[1]
     w = (q - zero_points(node, n, nb, bits)[..., None]) * _array(scales).astype(np.float32).reshape(n, nb, 1)
-    w = w.reshape(n, -1)
-    concat = a.producer()
-    if concat is not None and concat.op_type == "Concat" and len(concat.inputs) == 2 \
-            and concat.inputs[0] is concat.inputs[1]:  # halves: high-nibble blocks + low-nibble blocks
-        k //= 2
-        w = w[:, :k] + w[:, k:2 * k]
-    else:
-        w = w[:, :k]
-    correction = _correction(node)
+    return w.reshape(n, -1)[:, :k]
+
+
+def _halves_sum(node: ir.Node) -> tuple[ir.Node, ir.Node] | None:
+    """``(Add, the other MatMulNBits)`` when ``node`` is one of two 4-bit halves of an 8-bit weight:
+    ``Add(MatMulNBits(A, hi), MatMulNBits(A, lo))``."""
+    for use in node.outputs[0].uses():
+        user = use.node
+        other = user.inputs[1 - use.idx].producer() if user.op_type == "Add" else None
+        if other is not None and other is not node and other.op_type == "MatMulNBits" \
+                and other.inputs[0] is node.inputs[0]:
+            return user, other
+    return None
+
+
+def effective_weight(node: ir.Node) -> np.ndarray:
+    """The ``[K, N]`` float32 weight a ``MatMulNBits`` node (with its other half and its
+    correction) multiplies by; for halves, ``node`` is the first (high-nibble) one."""
+    block = node.attributes["block_size"].value
+    w = _codes_weight(node)
+    result = node
+    halves = _halves_sum(node)
+    if halves is not None:  # high-nibble blocks + low-nibble blocks
+        result, other = halves
+        w = w + _codes_weight(other)
+    correction = _correction(result)
     if correction is not None:
-        w = w + np.repeat(correction[1].T, block, axis=1)[:, :k]
+        w = w + np.repeat(correction[1].T, block, axis=1)[:, :w.shape[1]]
     return np.ascontiguousarray(w.T)
 
 
 def _correction(node: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
-    """``(Add, mins [nb, N])`` of a MatMulNBits's block-minimum correction, if it has one."""
+    """``(Add, mins [nb, N])`` of the block-minimum correction of ``node``'s output, if it has one."""
     for use in node.outputs[0].uses():
         user = use.node
         if user.op_type != "Add":
@@ -69,21 +86,29 @@ def _correction(node: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
 
 
 def effective_weights(model: ir.Model) -> dict[str, np.ndarray]:
-    """``{output name of the MatMul it replaced: [K, N] weight}`` for every MatMulNBits; a packed
-    one (several weights stacked along N, then a ``Split``) gives each part under its own name."""
+    """``{output name of the MatMul it replaced: [K, N] weight}`` for every MatMulNBits (a pair
+    of 8-bit halves counts once); a packed one (several weights stacked along N, then a
+    ``Split``) gives each part under its own name."""
     out = {}
+    seconds = set()
     for node in model.graph:
-        if node.op_type == "MatMulNBits":
-            correction = _correction(node)
-            result = (correction[0] if correction else node).outputs[0]
-            weight = effective_weight(node)
-            split = [u.node for u in result.uses() if u.node.op_type == "Split"]
-            if not split:
-                out[result.name] = weight
-                continue
-            sizes = np.cumsum(ir.convenience.get_const_tensor(split[0].inputs[1]).numpy())[:-1]
-            for value, part in zip(split[0].outputs, np.split(weight, sizes, axis=1)):
-                out[value.name] = part
+        if node.op_type != "MatMulNBits" or node in seconds:
+            continue
+        halves = _halves_sum(node)
+        result = node
+        if halves is not None:
+            seconds.add(halves[1])
+            result = halves[0]
+        correction = _correction(result)
+        result = (correction[0] if correction else result).outputs[0]
+        weight = effective_weight(node)
+        split = [u.node for u in result.uses() if u.node.op_type == "Split"]
+        if not split:
+            out[result.name] = weight
+            continue
+        sizes = np.cumsum(ir.convenience.get_const_tensor(split[0].inputs[1]).numpy())[:-1]
+        for value, part in zip(split[0].outputs, np.split(weight, sizes, axis=1)):
+            out[value.name] = part
     return out
 
 

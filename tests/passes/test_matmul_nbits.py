@@ -104,18 +104,22 @@ def test_float_minimum_and_symmetric_grids():
 
 
 def test_accuracy_level_auto_and_eight_bit_halves():
-    """auto = accuracy_level 1 (float compute); 8-bit weights then run as two 4-bit halves over
-    [x, x] — exactly the 8-bit weights — as ORT's CPU kernel has no float-compute 8-bit path."""
+    """auto = accuracy_level 1 (float compute); 8-bit weights then run as two 4-bit halves, each
+    a MatMulNBits over x, added — exactly the 8-bit weights — as ORT's CPU kernel has no
+    float-compute 8-bit path."""
     proto = _linear(64)
     x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
     model = to_ir(proto)
     assert MatMulNBits(weight_bits=8)(model).modified
-    assert _ops_without_correction(model) == ["Concat", "MatMulNBits"]
-    node = _the(model)
-    assert {a: node.attributes[a].value for a in ("K", "bits", "accuracy_level")} == {
-        "K": 128, "bits": 4, "accuracy_level": 1}
+    hi, lo = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert hi.inputs[0] is lo.inputs[0] is model.graph.inputs[0]  # both read x itself
+    halves_sum = hi.outputs[0].uses()[0].node
+    assert halves_sum.op_type == "Add" and {v.producer() for v in halves_sum.inputs} == {hi, lo}
+    for node in (hi, lo):
+        assert {a: node.attributes[a].value for a in ("K", "bits", "accuracy_level")} == {
+            "K": 64, "bits": 4, "accuracy_level": 1}
     w8 = quantize_float(numpy_helper.to_array(proto.graph.initializer[0]).T, 8, 32).dequantize()
-    np.testing.assert_allclose(effective_weight(node), w8.T, rtol=0, atol=1e-6)  # halves = 8-bit weights
+    np.testing.assert_allclose(effective_weight(hi), w8.T, rtol=0, atol=1e-6)  # halves = 8-bit weights
     assert _rel(run(model, {"x": x})["y"], x @ w8.T) < 1e-6
     # accuracy_level 4 (int8 compute) keeps true 8-bit blocks
     model = to_ir(_linear(64))
@@ -156,7 +160,11 @@ def test_tied_head_and_embedding_share_blocks(bits, level):
     p = MatMulNBits(weight_bits=bits, accuracy_level=level)
     assert p(model).modified and p.stats["gathers"] == 1
     assert "GatherBlockQuantized" in ops(model) and "wt" not in model.graph.initializers
-    w = effective_weight(_the(model))  # [K, N]: the head's weight, B in Wt's row-major layout
+    heads = [n for n in model.graph if n.op_type == "MatMulNBits"]  # 8 bits at level 1: two 4-bit halves
+    gathers = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    assert len(heads) == len(gathers) == (2 if (bits, level) == (8, 1) else 1)
+    assert {g.inputs[0].name for g in gathers} == {h.inputs[1].name for h in heads}  # the same B bytes
+    w = effective_weight(heads[0])  # [K, N]: the head's weight, B in Wt's row-major layout
     out = run(model, {"ids": ids})
     np.testing.assert_array_equal(out["h"], w.T[ids])  # the embedding rows: the same blocks, exactly
     assert _rel(out["logits"], out["h"] @ w) < (1e-6 if level == 1 else 0.01)
@@ -321,7 +329,7 @@ def test_gguf_blocks_carried_exactly(gguf_file):
     assert _rel(weights["down"], deq["blk.0.ffn_down.weight"].T) < 0.1  # F16: re-quantized to 4 bits
     bits = {n.outputs[0].name: n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"}
     assert set(bits.values()) == {4}  # Q8_0 runs as two 4-bit halves at accuracy_level 1
-    assert ops(model).count("GatherBlockQuantized") == 1 and "emb" not in model.graph.initializers
+    assert ops(model).count("GatherBlockQuantized") == 2 and "emb" not in model.graph.initializers  # Q8_0 halves
     out = run(model, {"x": x, "ids": ids})
     np.testing.assert_array_equal(out["h"], deq["token_embd.weight"][ids])  # the embedding, exactly
     for name, w in (("q", weights["q"]), ("up", weights["up"]), ("logits", weights["logits"])):
