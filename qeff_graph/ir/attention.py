@@ -47,7 +47,7 @@ from qeff_graph.ir.analysis import KVCache, find_kv_cache, is_weight
 from qeff_graph.ir.build import is_qeff_node
 
 __all__ = ["AttentionSite", "Leaf", "ShapeReader", "Term", "describe_node", "find_attention_sites", "scalar_value", "is_fill", "MASK_FILL_MAX",
-           "infer_symbolic_shapes"]
+           "infer_symbolic", "infer_symbolic_shapes"]
 
 # A fill value at or below this is a mask (exp(-1e4) == 0 in fp32); torch uses finfo.min or -inf.
 MASK_FILL_MAX = -1e4
@@ -208,6 +208,7 @@ class ShapeReader:
     def __init__(self, model: ir.Model):
         self.model = model
         self._inferred: dict[str, list] | None = None
+        self._types: dict[str, ir.DataType] = {}
 
     def dims(self, value: ir.Value) -> list | None:
         """``value``'s dims (ints and symbol names; None where unknown): the graph's own shapes
@@ -216,8 +217,17 @@ class ShapeReader:
         if known is not None and None not in known:
             return known
         if self._inferred is None:
-            self._inferred = infer_symbolic_shapes(self.model)
+            self._inferred, self._types = infer_symbolic(self.model)
         return self._inferred.get(value.name, known)
+
+    def dtype(self, value: ir.Value) -> ir.DataType | None:
+        """``value``'s element type: the graph's own, else inferred as :meth:`dims` (an exporter
+        may leave intermediate values untyped); None where unknown."""
+        if value.dtype is not None:
+            return value.dtype
+        if self._inferred is None:
+            self._inferred, self._types = infer_symbolic(self.model)
+        return self._types.get(value.name)
 
 
 class _Finder(ShapeReader):
@@ -473,6 +483,11 @@ def infer_symbolic_shapes(model: ir.Model) -> dict[str, list]:
     """Shapes of every value from the graph alone: ONNX Runtime's symbolic shape inference
     (which follows shape arithmetic), else ONNX's with data propagation; {} when neither runs.
     Small in-memory initializers (axes, shape constants) are kept, the weights become typed inputs."""
+    return infer_symbolic(model)[0]
+
+
+def infer_symbolic(model: ir.Model) -> tuple[dict[str, list], dict[str, ir.DataType]]:
+    """``(shapes, element types)`` of every value, as :func:`infer_symbolic_shapes` infers them."""
     import onnx
 
     proto = ir.to_proto(model)
@@ -499,15 +514,17 @@ def infer_symbolic_shapes(model: ir.Model) -> dict[str, list]:
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
         except Exception:  # noqa: BLE001 - no shapes: the caller refuses what it cannot prove
-            return {}
+            return {}, {}
     finally:
         chatty.setLevel(level)
-    out = {}
+    out, types = {}, {}
     for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
         t = v.type.tensor_type
         if t.HasField("shape"):
             out[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    return out
+        if t.elem_type:
+            types[v.name] = ir.DataType(t.elem_type)
+    return out, types
 
 
 def find_attention_sites(model: ir.Model, kv: KVCache | None = None) -> list[AttentionSite]:

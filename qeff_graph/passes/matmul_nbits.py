@@ -38,16 +38,19 @@ weights written. ORT's CPU kernels have no float-compute 8-bit path (a 576x1536 
 outputs added (one MatMulNBits over ``[A, A]`` with K doubled took twice as long: SmolLM2's
 576x49152 LM head 4.0-4.3 ms against 2.2 ms, a 576x3072 weight 256-270 against 149-155 us per
 layer, 30 layers streamed, 2 threads, AVX-512). Level 4 (int8
-compute, activations quantized per block) keeps true 8-bit blocks and is ~2x faster here, but
-moves greedy text: measured on SmolLM2-135M (ORT 1.32, 2-core AVX2, 6 chat prompts x 64 greedy
-tokens, share before the first difference from fp32; decode tok/s from one run, batch 1, the
-machine shared; fp32 29.0 tok/s)::
+compute, activations quantized per block) keeps true 8-bit blocks and is 1.5-1.8x faster here, but
+moves greedy text: measured on SmolLM2-135M (ORT 1.32, 2-core AVX-512, 12 chat prompts x 64
+greedy tokens, share before the first difference from fp32; decode tok/s batch 1, ctx_len 256;
+fp32 47.4 tok/s)::
 
     weights                 level   agree   tok/s
-    int4, the GGUF's blocks   1     1.00    30.0    (0: the same kernels, 1.00, 31.6)
-    int4, the GGUF's blocks   4     0.35    37.6
-    int8, quantized here      1     1.00    23.4    (two 4-bit halves)
-    int8, quantized here      4     0.56    37.1
+    int4, the GGUF's blocks   1     1.00    79.1    (0: the same kernels, 1.00, 81.6)
+    int4, the GGUF's blocks   4     0.50   122.1
+    int8, quantized here      1     1.00    54.9    (two 4-bit halves)
+    int8, quantized here      4     0.35    99.0
+
+Level 4 on one kind of weight only still moves it (int4: LM head 0.75, attention output 0.79,
+MLP down 0.64), so ``"auto"`` keeps every weight at level 1.
 
 Layout (as ORT's ``MatMulNBitsQuantizer`` writes it): ``B`` is uint8 ``[N, k_blocks,
 block_size * bits / 8]`` — row-major ``Wt``, so the tied-head case needs no transpose — with

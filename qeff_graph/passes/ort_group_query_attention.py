@@ -33,9 +33,12 @@ rotary (``x·cos + rotate(x)·sin``: rotate-half, or interleaved pairs as gpt-j'
 cos/sin caches are the graph's own tables (the ``[.., S, R]`` values the rotary multiplies by,
 computed from ``position_ids`` as before; ``R`` = rotary_dim, less than head_dim for a partial
 rotary as phi's or gpt-neox's, whose kernel turns the first ``R`` of each head only): each
-token's row — its first half, or its even entries for pairs — ``[B·S, R/2]`` (zero rows below,
-up to ``total_sequence_length`` rows, the kernel's minimum), indexed by rotary position ids ``0
-.. B·S-1`` — so the kernel applies exactly the graph's angles, whatever the model's rope scaling.
+token's row — its first half, or its even entries for pairs — ``[B·S, R/2]`` (rows below, up to
+``total_sequence_length`` rows, the kernel's minimum), indexed by rotary position ids ``0 ..
+B·S-1`` — so the kernel applies exactly the graph's angles, whatever the model's rope scaling.
+The kernel wants ``R`` a multiple of 16: a rotary in pairs below that (codegen's 8) is widened
+with pairs that turn by cos 1, sin 0, i.e. stay exactly as they are, where the head has room; a
+rotate-half one cannot be (its halves would pair other dims) and keeps the plain form.
 Which table is cos and which pairing the rotary uses are left to the numeric check (the four
 readings are tried in turn); tables of another shape fail it and the layer keeps the plain form
 (rotary applied by the graph, the kernel reading ``[B, N, S, H]`` values).
@@ -129,12 +132,20 @@ class _Form:
     by) done by the kernel — or the ``[B, N, S, H]`` values the attention read (rotary already
     applied), transposed and reshaped for the kernel. ``scalars``: every scalar factor between
     these values and the softmax, ``(operand, divides)``. A rotary turns the first ``rotary_dim``
-    (the tables' last dim) of each head, in halves (rotate-half) or in pairs (``interleaved``)."""
+    (the tables' last dim) of each head, in halves (rotate-half) or in pairs (``interleaved``).
+    ``kernel_dim``: the rotary_dim the kernel is given (a multiple of 16); above ``rotary_dim``
+    only for pairs, whose extra pairs turn by cos 1, sin 0 (they stay as they are, exactly).
+    ``seq_first``: which of q/k/v (not packed) are ``[B, S, N, H]`` rather than ``[B, N, S, H]``
+    (codegen turns its heads before the exporter's transpose)."""
 
-    def __init__(self, q, k, v, scalars, packed=False, cos=None, sin=None, rotary_dim=0, interleaved=False):
+    def __init__(self, q, k, v, scalars, packed=False, cos=None, sin=None, rotary_dim=0, interleaved=False,
+                 kernel_dim=None, seq_first=(False, False, False)):
         self.q, self.k, self.v, self.scalars = q, k, v, scalars
-        self.packed, self.cos, self.sin = packed, cos, sin
+        self.packed, self.cos, self.sin, self.seq_first = packed, cos, sin, tuple(seq_first)
         self.rotary_dim, self.interleaved = rotary_dim, interleaved
+        self.kernel_dim = rotary_dim if kernel_dim is None else kernel_dim
+        if self.kernel_dim != rotary_dim and not interleaved:
+            raise ValueError("only a rotary in interleaved pairs is widened with identity pairs")
 
     @property
     def values(self) -> list[ir.Value]:
@@ -381,9 +392,11 @@ def _rotary_form(finder: _Finder, la: _Layer, io, plain: _Form) -> list[_Form] |
     factors, ``Mul``/``Add``/``Neg``/``Slice``/``Split``/``Concat`` (a rotary), one value
     ``[batch, seq, heads·head_dim]`` that does not depend on the positions (the projection
     output), and the position-dependent operands of its ``Mul``s must be the same two tables
-    ``[.., seq, rotary_dim]`` for query and key (``rotary_dim`` a multiple of 16, the kernel's
-    rule, at most head_dim: a partial rotary leaves the rest of each head as it is). Which is cos,
-    and which pairing the rotary uses, the numeric check decides."""
+    ``[.., seq, rotary_dim]`` for query and key (``rotary_dim`` at most head_dim: a partial rotary
+    leaves the rest of each head as it is; the kernel wants a multiple of 16: a rotary in pairs
+    below that is widened with identity pairs, cos 1 and sin 0, when the head has the room, a
+    rotate-half one cannot be — its halves would pair other dims). Which is cos, and which
+    pairing the rotary uses, the numeric check decides."""
     if io.position_ids is None:
         return None
     for packed in (True, False):  # the projections, else (fused Q/K/V) the heads before the rotary
@@ -396,6 +409,8 @@ def _rotary_form(finder: _Finder, la: _Layer, io, plain: _Form) -> list[_Form] |
     (q, q_tables, q_scalars), (k, k_tables, k_scalars) = found
     if len(q_tables) != 2 or q_tables != k_tables:
         return None
+    seq_first = (False, False, False) if packed else (
+        _seq_first(finder, q, plain.q), _seq_first(finder, k, plain.k), False)
     widths = set()
     for table in q_tables:  # [.., seq, rotary_dim]
         dims = finder.dims(table)
@@ -403,15 +418,30 @@ def _rotary_form(finder: _Finder, la: _Layer, io, plain: _Form) -> list[_Form] |
             return None
         widths.add(dims[-1])
     rotary_dim = widths.pop()
-    if widths or rotary_dim % KERNEL_ROTARY_MULTIPLE or not 0 < rotary_dim <= la.head_dim:
+    kernel_dim = -(-rotary_dim // KERNEL_ROTARY_MULTIPLE) * KERNEL_ROTARY_MULTIPLE
+    if widths or rotary_dim % 2 or not 0 < rotary_dim <= la.head_dim or kernel_dim > la.head_dim:
         return None  # the kernel's rule: cos_cache width (rotary_dim / 2) a multiple of 8
+    pairings = (False, True) if kernel_dim == rotary_dim else (True,)  # only pairs widen exactly
     v = _projection(finder, plain.v, la.kv_heads * la.head_dim, io, layout_only=True) if packed else [plain.v]
     if v is None:
         return None
     scalars = plain.scalars + q_scalars + k_scalars
     a, b = sorted(q_tables, key=lambda t: t.name or "")
-    return [_Form(q, k, v[0], scalars, packed=packed, cos=c, sin=s_, rotary_dim=rotary_dim, interleaved=pairs)
-            for pairs in (False, True) for c, s_ in ((a, b), (b, a))]
+    return [_Form(q, k, v[0], scalars, packed=packed, cos=c, sin=s_, rotary_dim=rotary_dim, interleaved=pairs,
+                  kernel_dim=kernel_dim, seq_first=seq_first) for pairs in pairings for c, s_ in ((a, b), (b, a))]
+
+
+def _seq_first_dims(dims: list) -> list | None:
+    """``[B, S, N, H]`` for heads-first ``[B, N, S, H]`` dims; None where the two read alike."""
+    if dims is None or len(dims) != 4 or dims[1] == dims[2]:
+        return None
+    return [dims[0], dims[2], dims[1], dims[3]]
+
+
+def _seq_first(finder: _Finder, value: ir.Value, start: ir.Value) -> bool:
+    """Whether ``value`` is ``start``'s heads in ``[B, S, N, H]`` (its dims say so)."""
+    dims = finder.dims(value)
+    return dims is not None and dims == _seq_first_dims(finder.dims(start))
 
 
 _ROTARY_OPS = {"Mul", "Add", "Sub", "Neg", "Slice", "Split", "Concat"}
@@ -422,16 +452,19 @@ _VIEW_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast"}
 def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: bool = False,
                 heads_layout: bool = False):
     """``(value, tables, scalars)``: the nearest value above ``start`` shaped ``[batch, seq,
-    width]`` (``heads_layout``: shaped as ``start``, ``[batch, heads, seq, head_dim]``, and not made
-    by rotary arithmetic — a fused Q/K/V projection has no ``[batch, seq, heads·head_dim]`` value of
-    its own), the position-dependent operands of the ``Mul``s on the way (the rotary tables) and
-    the scalar factors; None if the walk meets anything else, or more than one such value."""
+    width]`` (``heads_layout``: shaped as ``start``, ``[batch, heads, seq, head_dim]``, or as
+    ``[batch, seq, heads, head_dim]``, and not made by rotary arithmetic — a fused Q/K/V projection
+    has no ``[batch, seq, heads·head_dim]`` value of its own; a Transpose from the one layout to
+    the other is walked through), the position-dependent operands of the ``Mul``s on the way (the
+    rotary tables) and the scalar factors; None if the walk meets anything else, or more than one
+    such value."""
     positions = {io.position_ids}
     tokens = {io.input_ids}
     start_dims = finder.dims(start)  # [batch, heads, seq, head_dim]: the projection is [batch, seq, width]
     if start_dims is None or len(start_dims) != 4:
         return None
     batch_seq = [start_dims[0], start_dims[2]]
+    seq_first = _seq_first_dims(start_dims)
     tables: set[ir.Value] = set()
     scalars: list[tuple[ir.Value, bool]] = []
     tops: set[ir.Value] = set()
@@ -443,8 +476,11 @@ def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: b
         seen.add(value)
         dims = finder.dims(value)
         node = value.producer()
-        if heads_layout:  # the heads before the rotary: shaped as start, not made by rotary arithmetic
-            top = dims == start_dims and node is not None and node.op_type not in _ROTARY_ARITHMETIC
+        if heads_layout:  # the heads before the rotary: shaped as start (or seq first), not rotary arithmetic
+            top = (dims == start_dims or (seq_first is not None and dims == seq_first)) and node is not None \
+                and node.op_type not in _ROTARY_ARITHMETIC
+            if top and _same_heads(finder, node, (start_dims, seq_first)):
+                top = False  # a view of the same heads (in either layout): the rotary may lie above
         else:  # the projection
             top = dims is not None and len(dims) == 3 and dims[2] == width and dims[:2] == batch_seq
         if top and value is not start:
@@ -484,6 +520,24 @@ def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: b
     return tops.pop(), tables, scalars
 
 
+def _same_heads(finder: _Finder, node: ir.Node, layouts: tuple) -> bool:
+    """Whether ``node`` passes heads through unchanged, from one of ``layouts`` (``[B, N, S, H]``,
+    ``[B, S, N, H]``) to one of them: a Transpose swapping heads and seq (or keeping all), a Cast
+    to its own type, an Identity, or a Reshape/Squeeze/Unsqueeze that keeps the dims."""
+    if node.op_type not in _VIEW_OPS or not node.inputs or node.inputs[0] is None:
+        return False
+    src, out = finder.dims(node.inputs[0]), finder.dims(node.outputs[0])
+    if src is None or src not in layouts or out not in layouts:
+        return False
+    if node.op_type == "Transpose":
+        perm = list(node.attributes.get_ints("perm", []))
+        return (perm == [0, 2, 1, 3] and src != out) or (perm == [0, 1, 2, 3] and src == out)
+    if node.op_type == "Cast":
+        to = node.attributes.get_int("to", None)
+        return src == out and to is not None and finder.dtype(node.inputs[0]) == ir.DataType(to)
+    return src == out
+
+
 def _table(value: ir.Value) -> ir.Value:
     """A rotary table as computed, before the Unsqueeze/Cast that fit it to the heads layout."""
     node = value.producer()
@@ -521,12 +575,15 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
     for positions in cases:
         batch, seq = positions.shape
 
-        def rows(heads, folded=False):
-            shape = (batch, seq, heads * la.head_dim) if form.packed else (batch, heads, seq, la.head_dim)
+        def rows(heads, seq_first, folded=False):
+            shape = (batch, seq, heads * la.head_dim) if form.packed else \
+                (batch, seq, heads, la.head_dim) if seq_first else (batch, heads, seq, la.head_dim)
             return rng.standard_normal(shape).astype(dtype).reshape((-1, seq, la.head_dim) if folded else shape)
 
+        sf = form.seq_first
         arrays = {io.input_ids: np.ones((batch, seq), np.int64), io.position_ids: positions.astype(np.int64),
-                  q: rows(la.heads, la.folded), k_new: rows(la.kv_heads), v_new: rows(la.kv_heads),
+                  q: rows(la.heads, sf[0], la.folded), k_new: rows(la.kv_heads, sf[1]),
+                  v_new: rows(la.kv_heads, sf[2]),
                   la.key.past: rng.standard_normal((batch, la.kv_heads, ctx, la.head_dim)).astype(dtype),
                   la.value.past: rng.standard_normal((batch, la.kv_heads, ctx, la.head_dim)).astype(dtype)}
         if io.batch_index is not None:
@@ -582,18 +639,19 @@ def _prove(model: ir.Model, kv, io, la: _Layer, form: _Form, rng: np.random.Gene
 
 
 def _rotary_caches(cos: np.ndarray, sin: np.ndarray, batch: int, seq: int, form: _Form, total: int) -> dict:
-    """What :func:`_lower` computes from the graph's tables: ``[B·S, R/2]`` caches (each token's
+    """What :func:`_lower` computes from the graph's tables: ``[B·S, K/2]`` caches (each token's
     row of ``R = rotary_dim`` angles: its first half for a rotate-half rotary, its even entries for
-    an interleaved one; zero rows below, up to ``total`` rows, the kernel's minimum) and the
-    kernel's position ids ``0 .. B·S-1`` that index them, row by row."""
-    width = form.rotary_dim
+    an interleaved one, widened to the kernel's ``K = kernel_dim`` with cos 1 / sin 0; rows below,
+    up to ``total`` rows, the kernel's minimum, that no position id reads) and the kernel's
+    position ids ``0 .. B·S-1`` that index them, row by row."""
+    width, extra = form.rotary_dim, (form.kernel_dim - form.rotary_dim) // 2
 
-    def cache(table):
+    def cache(table, fill):
         rows = np.broadcast_to(table.reshape(table.shape[0], -1, width), (batch, seq, width)).reshape(-1, width)
         half = rows[:, 0::2] if form.interleaved else rows[:, :width // 2]
-        return np.concatenate([half, np.zeros((max(0, total - len(half)), width // 2), half.dtype)])
+        return np.pad(half, ((0, max(0, total - len(half))), (0, extra)), constant_values=fill)
 
-    return {"cos_cache": cache(cos), "sin_cache": cache(sin),
+    return {"cos_cache": cache(cos, 1), "sin_cache": cache(sin, 0),
             "rotary_position_ids": np.arange(batch * seq, dtype=np.int64).reshape(batch, seq)}
 
 
@@ -642,16 +700,18 @@ def _run_gqa(session, arrays, la: _Layer, form: _Form, positions, extra: dict) -
 
     batch, seq = positions.shape
 
-    def packed(a):  # [B, N, S, H] (or [B·N, S, H]) -> [B, S, N*H]
-        if form.packed:
-            return a
+    def packed(a, seq_first):  # [B, N, S, H] (or [B·N, S, H]), or [B, S, N, H] -> [B, S, N*H]
+        if form.packed or seq_first:
+            return a.reshape(batch, seq, -1)
         heads_first = a.reshape(batch, -1, seq, a.shape[-1])
         return np.ascontiguousarray(heads_first.transpose(0, 2, 1, 3).reshape(batch, seq, -1))
 
     caches = [arrays[la.key.past].copy(), arrays[la.value.past].copy()]
     binding = session.io_binding()
     binding.bind_output("out", "cpu")
-    for name, array in (("q", packed(arrays[form.q])), ("k", packed(arrays[form.k])), ("v", packed(arrays[form.v])),
+    sf = form.seq_first
+    for name, array in (("q", packed(arrays[form.q], sf[0])), ("k", packed(arrays[form.k], sf[1])),
+                        ("v", packed(arrays[form.v], sf[2])),
                         ("seqlens_k", np.maximum(positions, 0).max(axis=1).astype(np.int32)),
                         ("total", np.array(max(positions.max() + 1, seq), np.int32)),
                         ("query_seqlens", (positions >= 0).sum(axis=1).astype(np.int32)), *extra.items()):
@@ -720,28 +780,30 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
     caches: dict = {}  # (cos, sin, rotary_dim, interleaved) -> the kernel's rotary inputs, shared by the layers
 
     def rotary(form: _Form) -> list[ir.Value]:
-        width = form.rotary_dim
-        key = (id(form.cos), id(form.sin), width, form.interleaved)
+        width, extra = form.rotary_dim, (form.kernel_dim - form.rotary_dim) // 2
+        key = (id(form.cos), id(form.sin), width, form.interleaved, form.kernel_dim)
         if key not in caches:  # the graph's own tables, one row per token: [B*S, R/2]; row ids 0..B*S-1
             shape = b.op("Shape", io.position_ids)
             rows = b.op("Concat", shape, b.i64(width), axis=0)
 
             count = b.op("ReduceProd", shape, keepdims=0)
             # the kernel wants at least total_sequence_length rows: zeros below the B*S real ones
-            extra = b.op("Max", b.op("Sub", b.op("Cast", total, to=ir.DataType.INT64), count),
+            below = b.op("Max", b.op("Sub", b.op("Cast", total, to=ir.DataType.INT64), count),
                          b.const(np.array(0, np.int64)))
-            pads = b.op("Concat", b.i64(0, 0), b.op("Unsqueeze", extra, b.i64(0)), b.i64(0), axis=0)
+            # rows below no position id reads; columns past rotary_dim / 2: identity pairs (cos 1, sin 0)
+            pads = b.op("Concat", b.i64(0, 0), b.op("Unsqueeze", below, b.i64(0)), b.i64(extra), axis=0)
 
-            def cache(table):  # the first half of each row (rotate-half), or its even entries (pairs)
+            def cache(table, fill):  # the first half of each row (rotate-half), or its even entries (pairs)
                 full = b.op("Expand", b.op("Reshape", table, b.i64(0, -1, width)), rows)
                 end, step = (width, 2) if form.interleaved else (width // 2, 1)
                 half = b.op("Slice", b.op("Reshape", full, b.i64(-1, width)), b.i64(0), b.i64(end), b.i64(1),
                             b.i64(step))
-                return b.op("Pad", half, pads)
+                value = b.op("CastLike", b.const(np.array(fill, np.float32)), half)
+                return b.op("Pad", half, pads, value)
 
             ids = b.op("Reshape", b.op("Range", b.const(np.array(0, np.int64)), count, b.const(np.array(1, np.int64))),
                        shape)
-            caches[key] = [cache(form.cos), cache(form.sin), ids]
+            caches[key] = [cache(form.cos, 1), cache(form.sin, 0), ids]
         return caches[key]
 
     biases: dict = {}  # the graph's bias value -> the kernel's attention_bias, shared by the layers
@@ -769,7 +831,8 @@ def _lower(model: ir.Model, io, layers: list[_Layer]) -> None:
             if la.folded:  # [B·N, S, H] -> [B, N, S, H]
                 heads_first[0] = b.op("Reshape", form.q, b.op("Concat", b.i64(-1, la.heads),
                                                               b.op("Shape", form.q, start=1), axis=0))
-            packed = [b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), to_bsd) for x in heads_first]
+            packed = [b.op("Reshape", x if seq_first else b.op("Transpose", x, perm=[0, 2, 1, 3]), to_bsd)
+                      for x, seq_first in zip(heads_first, form.seq_first)]
         tables = rotary(form) if form.cos is not None else [None] * 3
         out, present_k, present_v = b.op_multi(
             "GroupQueryAttention", *packed, la.key.past, la.value.past, seqlens, total, *tables, attention_bias(la),

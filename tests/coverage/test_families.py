@@ -94,12 +94,13 @@ def test_export_matches_hf(family, exporter, family_model, family_export):
 
 
 # families whose rotary ort-gqa puts in the kernel: rotate-half over the whole head, partial (phi,
-# gpt_neox, stablelm, persimmon: the first 16 of 32), interleaved pairs (gptj, partial too; cohere),
-# behind a fused Q/K/V projection (gpt_neox, falcon*, persimmon) or q/k norms (qwen3, gemma3, olmo2);
-# not codegen's (a rotary of 8: the kernel wants multiples of 16)
+# gpt_neox, stablelm, persimmon: the first 16 of 32), interleaved pairs (gptj, partial too; cohere;
+# codegen's 8 of 32, widened to the kernel's 16 with identity pairs), behind a fused Q/K/V
+# projection (gpt_neox, falcon*, persimmon) or q/k norms (qwen3, gemma3, olmo2)
 ROTARY_IN_KERNEL = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "starcoder2", "gemma", "gemma2", "phi",
                     "gpt_neox", "gptj", "falcon", "falcon_mqa", "falcon_new", "qwen3", "gemma3", "olmo2", "granite",
-                    "cohere", "stablelm", "persimmon")
+                    "cohere", "stablelm", "persimmon", "codegen")
+PAIRED_ROTARY = ("gptj", "cohere", "codegen")  # rotaries in interleaved pairs
 
 
 @pytest.mark.parametrize("family,exporter", CASES, ids=IDS)
@@ -120,9 +121,9 @@ def test_pipeline_token_exact(family, exporter, family_model, family_export, tmp
         assert gqa["rotary"] == gqa["layers"], gqa
         graph = onnx.load(program.path / "model.onnx", load_external_data=False).graph
         kernels = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-        pairs = family in ("gptj", "cohere")  # rotaries in interleaved pairs
+        pairs = family in PAIRED_ROTARY
         assert {onnx.helper.get_node_attr_value(n, "rotary_interleaved") for n in kernels} == {int(pairs)}
-    else:  # codegen's rotary of 8 stays the graph's; the others have none
+    else:  # no rotary
         assert gqa.get("rotary", 0) == 0, gqa
     session = RetainedStateSession(program.path, batch_size=4, ctx_len=CTX_LEN)
     batch = prompts()

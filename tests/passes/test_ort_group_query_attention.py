@@ -232,3 +232,44 @@ def test_rotary_tables_the_kernel_would_misread_keep_the_graphs_rotary(tmp_path,
     assert "Neg" in [n.op_type for n in lowered.graph]  # the graph's own rotate_half stays
     monkeypatch.undo()
     _compare_llama(portable, lowered, tmp_path)
+
+
+def test_a_rotary_in_pairs_narrower_than_the_kernels_is_widened_with_identity_pairs():
+    """The kernel wants rotary_dim a multiple of 16: a rotary of 8 in interleaved pairs gets cos 1 /
+    sin 0 for the pairs it lacks (dims 8..15 stay exactly as they are); a rotate-half one cannot be
+    widened (its halves would pair other dims)."""
+    rng = np.random.default_rng(0)
+    batch, seq, width, total = 2, 3, 8, 7
+    cos, sin = rng.standard_normal((batch, seq, width)), rng.standard_normal((batch, seq, width))
+    form = gqa_module._Form(None, None, None, [], cos=cos, sin=sin, rotary_dim=width, interleaved=True, kernel_dim=16)
+    caches = gqa_module._rotary_caches(cos, sin, batch, seq, form, total)
+    assert caches["cos_cache"].shape == caches["sin_cache"].shape == (total, 8)
+    np.testing.assert_array_equal(caches["cos_cache"][:batch * seq, :4], cos.reshape(-1, width)[:, 0::2])
+    np.testing.assert_array_equal(caches["sin_cache"][:batch * seq, :4], sin.reshape(-1, width)[:, 0::2])
+    np.testing.assert_array_equal(caches["cos_cache"][:batch * seq, 4:], 1)  # identity pairs
+    np.testing.assert_array_equal(caches["sin_cache"][:batch * seq, 4:], 0)
+    with pytest.raises(ValueError, match="interleaved"):
+        gqa_module._Form(None, None, None, [], cos=cos, sin=sin, rotary_dim=width, interleaved=False, kernel_dim=16)
+
+
+def test_same_heads_views():
+    """Views the rotary walk passes through: heads and seq swapped by a Transpose, a Cast to the
+    value's own type; not a Reshape that scrambles [B, S, N, H] into [B, N, S, H], nor a real Cast."""
+    x = ir.Value(name="x", shape=ir.Shape(["b", "s", 4, 16]), type=ir.TensorType(ir.DataType.FLOAT))
+    layouts = (["b", 4, "s", 16], ["b", "s", 4, 16])
+
+    class Dims(gqa_module._Finder):
+        def __init__(self):  # dims and types from the values themselves
+            self._inferred, self._types = {}, {}
+
+    finder = Dims()
+    swap = ir.Node("", "Transpose", [x], attributes=[ir.AttrInt64s("perm", [0, 2, 1, 3])])
+    swap.outputs[0].shape = ir.Shape(["b", 4, "s", 16])
+    assert gqa_module._same_heads(finder, swap, layouts)
+    scramble = ir.Node("", "Reshape", [x, ir.Value(name="shape")])
+    scramble.outputs[0].shape = ir.Shape(["b", 4, "s", 16])
+    assert not gqa_module._same_heads(finder, scramble, layouts)
+    for to, same in ((ir.DataType.FLOAT, True), (ir.DataType.FLOAT16, False)):
+        cast = ir.Node("", "Cast", [x], attributes=[ir.AttrInt64("to", to)])
+        cast.outputs[0].shape = ir.Shape(["b", "s", 4, 16])
+        assert gqa_module._same_heads(finder, cast, layouts) is same
