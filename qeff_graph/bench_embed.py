@@ -5,12 +5,14 @@ same ``--texts`` texts, each exactly ``--seq-len`` tokens long (so nobody gains 
 less), at each batch size, with the same number of threads:
 
 * ``qeff-graph``: the cached encoder program (pooling and normalization inside the graph);
+* ``qeff-graph-int8``: the same with its MatMuls in int8 (``--mxfp6`` on ort: DynamicQuantizeMatMul,
+  int8 weights and activations; not exact — its distance shows in the last columns);
 * ``ort-export``: plain ONNX Runtime on the unmodified export, pooling in numpy;
 * ``sentence-transformers``: its own ``encode`` on torch (when installed).
 
 Reported: sentences/s, how many times faster ``qeff-graph`` is than each system, and the
-largest difference of the pooled vectors from ``qeff-graph``'s (so a fast peer that computes
-something else shows).
+largest difference of the pooled vectors from ``qeff-graph``'s and their smallest cosine (so a
+fast peer that computes something else shows).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from qeff_graph.errors import QeffGraphError
 
 __all__ = ["EmbedRow", "run_embed_bench", "format_embed_table", "PEERS"]
 
-PEERS = ("qeff-graph", "ort-export", "sentence-transformers")
+PEERS = ("qeff-graph", "qeff-graph-int8", "ort-export", "sentence-transformers")
 TEXT = ("Sentence embeddings map a piece of text to a single vector so that texts with similar meaning "
         "land close together, which makes search, clustering, deduplication and recommendation simple "
         "to build on top of a nearest neighbour index over millions of documents. ")
@@ -40,6 +42,7 @@ class EmbedRow:
     sentences_s: float
     speedup: float = 1.0  # qeff-graph's sentences/s over this system's, at this batch size
     max_diff: float = 0.0  # largest |pooled - qeff-graph's pooled|
+    min_cos: float = 1.0  # smallest cosine between a text's pooled vector and qeff-graph's
 
 
 def _texts(tokenizer, count: int, seq_len: int) -> list[str]:
@@ -104,6 +107,11 @@ def run_embed_bench(model_name: str | None = None, *, peers: list[str] = PEERS, 
 
     runners = {"qeff-graph": lambda b: embed_ids(session, rows_ids, seq_lens=(seq_len,), batch_size=b,
                                                  pad_token_id=pad).pooled}
+    if "qeff-graph-int8" in peers:
+        int8 = EncoderSession(model.compile(seq_len=seq_len, batch_size=max(batch_sizes), num_cores=threads,
+                                            mxfp6_matmul=True), threads=threads)
+        runners["qeff-graph-int8"] = lambda b: embed_ids(int8, rows_ids, seq_lens=(seq_len,), batch_size=b,
+                                                         pad_token_id=pad).pooled
     if "ort-export" in peers:
         ort_run = _ort_export_runner(model.onnx_path, threads, model.normalize, model.pooling)
         runners["ort-export"] = lambda b: ort_run(encoded, b)
@@ -133,15 +141,18 @@ def run_embed_bench(model_name: str | None = None, *, peers: list[str] = PEERS, 
         base = statistics.median(samples[("qeff-graph", b)])
         for p in runners:
             speed = statistics.median(samples[(p, b)])
-            diff = float(np.abs(outputs[p] - outputs["qeff-graph"]).max())
-            rows.append(EmbedRow(p, b, round(speed, 1), round(base / speed, 2), diff))
+            ours = outputs["qeff-graph"]
+            diff = float(np.abs(outputs[p] - ours).max())
+            cos = (outputs[p] * ours).sum(-1) / np.maximum(
+                np.linalg.norm(outputs[p], axis=-1) * np.linalg.norm(ours, axis=-1), 1e-12)
+            rows.append(EmbedRow(p, b, round(speed, 1), round(base / speed, 2), diff, round(float(cos.min()), 6)))
     return rows
 
 
 def format_embed_table(rows: list[EmbedRow]) -> str:
-    head = ["system", "batch", "sentences/s", "qeff-graph is ×", "max |Δ pooled|"]
-    body = [[r.system, str(r.batch_size), f"{r.sentences_s:.1f}", f"{r.speedup:.2f}", f"{r.max_diff:.1e}"]
-            for r in rows]
+    head = ["system", "batch", "sentences/s", "qeff-graph is ×", "max |Δ pooled|", "min cos"]
+    body = [[r.system, str(r.batch_size), f"{r.sentences_s:.1f}", f"{r.speedup:.2f}", f"{r.max_diff:.1e}",
+             f"{r.min_cos:.6f}"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-|-".join("-" * w for w in widths)]
     lines += [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]

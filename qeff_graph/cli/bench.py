@@ -70,8 +70,9 @@ def add_parser(sub) -> None:
         help="the spec-draft variant's draft: a program dir, or a model dir / .gguf / hub id (same tokenizer)")
     add(p, "--seq-len", type=positive_int, default=128, help="--task embed: tokens of every text")
     add(p, "--texts", type=positive_int, default=256, help="--task embed: texts embedded per measurement")
-    add(p, "--peers", default="qeff-graph,ort-export,sentence-transformers",
-        help="--task embed: systems to measure (qeff-graph, ort-export, sentence-transformers)")
+    add(p, "--peers", default="qeff-graph,qeff-graph-int8,ort-export,sentence-transformers",
+        help="--task embed: systems to measure (qeff-graph, qeff-graph-int8: the program with int8 MatMuls, "
+        "ort-export, sentence-transformers)")
     add(p, "--threads", type=positive_int, default=None,
         help="intra-op threads of every variant and peer (default: the cores this process may use)")
     add(p, "-o", "--output-dir", default="bench-out",

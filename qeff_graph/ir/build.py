@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Builder", "QEFF_PREFIX", "is_qeff_node"]
+__all__ = ["Builder", "QEFF_PREFIX", "add_initializer", "is_qeff_node"]
 
 QEFF_PREFIX = "qeff/"
 _counter = itertools.count()
@@ -21,6 +21,18 @@ _counter = itertools.count()
 def is_qeff_node(node: ir.Node) -> bool:
     """True for nodes that qeff-graph passes created."""
     return (node.name or "").startswith(QEFF_PREFIX)
+
+
+def add_initializer(graph: ir.Graph, name: str, data: np.ndarray) -> ir.Value:
+    """Register ``data`` as a new initializer of ``graph`` named ``name`` (``name_1``, ... when taken)."""
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, shape=ir.Shape(data.shape), type=ir.TensorType(ir.DataType.from_numpy(data.dtype)),
+                     const_value=ir.tensor(data, name=name))
+    graph.register_initializer(value)
+    return value
 
 
 class Builder:

@@ -11,6 +11,7 @@ from qeff_graph.passes.fp16_clamp import FP16Clamp
 from qeff_graph.passes.kv_retention import KVRetention
 from qeff_graph.passes.last_token_logits import LastTokenLogits
 from qeff_graph.passes.manager import PassManager
+from qeff_graph.passes.matmul_int8 import MatMulInt8
 from qeff_graph.passes.matmul_nbits import MatMulNBits
 from qeff_graph.passes.ort_fuse_encoder import ORTFuseEncoder
 from qeff_graph.passes.ort_group_query_attention import OrtGroupQueryAttention
@@ -28,6 +29,7 @@ __all__ = [
     "FP16Clamp",
     "KVRetention",
     "LastTokenLogits",
+    "MatMulInt8",
     "MatMulNBits",
     "ORTFuseEncoder",
     "OrtGroupQueryAttention",

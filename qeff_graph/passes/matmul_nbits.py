@@ -75,7 +75,7 @@ import onnx_ir as ir
 
 from qeff_graph import progress
 from qeff_graph.errors import QeffGraphError
-from qeff_graph.ir.build import QEFF_PREFIX, Builder
+from qeff_graph.ir.build import QEFF_PREFIX, Builder, add_initializer
 from qeff_graph.ir.io import read_tensor
 from qeff_graph.passes.registry import register
 from qeff_graph.passes.weight_blocks import Blocks, GGUFWeights, quantize_float
@@ -166,16 +166,8 @@ class _Quantized:
         self._mins_t = self._gather_mins = None
 
     def _init(self, suffix: str, data: np.ndarray) -> ir.Value:
-        name, i = f"{self.base}{suffix}", 0
-        while name in self.graph.initializers:
-            i += 1
-            name = f"{self.base}{suffix}_{i}"
-        value = ir.Value(name=name, shape=ir.Shape(data.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(data.dtype)),
-                         const_value=ir.tensor(data, name=name))
-        self.graph.register_initializer(value)
         self.pass_.stats["bytes_after"] += data.nbytes
-        return value
+        return add_initializer(self.graph, f"{self.base}{suffix}", data)
 
     @property
     def ir_dtype(self) -> ir.DataType:
@@ -355,15 +347,8 @@ class MatMulNBits(ir.passes.InPlacePass):
             if ekey not in cache:
                 e = np.zeros((q.k, q.nb), q.mins.dtype)
                 e[np.arange(q.k), np.arange(q.k) // q.block_size] = 1
-                name, i = f"qeff_block_sum_{q.k}_{q.block_size}_{e.dtype}", 0
-                while name in graph.initializers:
-                    i += 1
-                    name = f"qeff_block_sum_{q.k}_{q.block_size}_{e.dtype}_{i}"
-                value = ir.Value(name=name, shape=ir.Shape(e.shape), type=ir.TensorType(ir.DataType.from_numpy(e.dtype)),
-                                 const_value=ir.tensor(e, name=name))
-                graph.register_initializer(value)
                 self.stats["bytes_after"] += e.nbytes
-                cache[ekey] = value
+                cache[ekey] = add_initializer(graph, f"qeff_block_sum_{q.k}_{q.block_size}_{e.dtype}", e)
             cache[key] = b.op("MatMul", a, cache[ekey])
         return cache[key]
 

@@ -14,7 +14,8 @@ retained-state contract of DESIGN.md::
 ``encoder`` (``qeff-graph embed``, ``QEFFAutoModel``) prepares an encoder export::
 
     [pooling when a pooling mode is set] → fp16-clamp
-        → [ort-fuse-encoder on the ort backend: ONNX Runtime's fused Attention] → cleanup
+        → [ort-fuse-encoder on the ort backend: ONNX Runtime's fused Attention]
+        → [matmul-int8 with weight_bits 8 (``--mxfp6`` on ort): int8 weights and activations] → cleanup
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ PIPELINES: dict[str, list[str]] = {
         "ort-valid-attention",
         "cleanup",
     ],
-    "encoder": ["pooling", "fp16-clamp", "ort-fuse-encoder", "cleanup"],
+    "encoder": ["pooling", "fp16-clamp", "ort-fuse-encoder", "matmul-int8", "cleanup"],
 }
 
 
@@ -48,7 +49,8 @@ def pipeline_names(name: str = "retained-kv", *, kv_dtype: str = "float32",
     (``ort_lowering``: 0 portable, 1 valid-length attention, 2 GroupQueryAttention where proven)."""
     names = list(PIPELINES[name])
     if name == "encoder":
-        return [n for n in names if (n != "pooling" or pooling) and (n != "ort-fuse-encoder" or ort_lowering)]
+        return [n for n in names if (n != "pooling" or pooling) and (n != "ort-fuse-encoder" or ort_lowering)
+                and (n != "matmul-int8" or weight_bits == 8)]
     if not ort_lowering and "ort-valid-attention" in names:
         names.remove("ort-valid-attention")
     if (ort_lowering or 0) < 2:

@@ -8,7 +8,8 @@ any long work. QEfficient's backend flags are mapped here and nowhere else:
 =====================  =============================================  ================================
 option                 ``qaic``                                       ``ort``
 =====================  =============================================  ================================
-``mxfp6``              ``-mxfp6-matmul``                              ``weight_bits=8`` (MatMulNBits)
+``mxfp6``              ``-mxfp6-matmul``                              ``weight_bits=8`` (MatMulNBits; an
+                                                                      encoder: int8 compute)
 ``mxint8``             ``-mxint8`` + ``mxint8`` KV in custom_io.yaml  ``kv_dtype="float16"``
 ``num_cores``          ``-aic-num-cores`` (default 16)                CPU threads, capped at the cores
 ``device_group``       several devices → ``mdp.json``                 one device only
@@ -57,7 +58,7 @@ WEIGHT_SCHEME = 6
 ORT_LOWERING = 2
 ORT_LOWERINGS = (0, 1, 2)
 # causal-LM options an encoder program must leave at their defaults
-_CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "weight_bits", "mxint8",
+_CAUSAL_ONLY = ("ctx_len", "prompt_len", "full_batch_size", "kv_dtype", "mxint8",
                 "num_speculative_tokens", "accuracy_level")
 QAIC_FIELDS = ("num_cores", "mos", "aic_enable_depth_first", "device_group", "aic_hw_version")
 
@@ -211,6 +212,9 @@ class ProgramSpec:
             raise QeffGraphError(f"{', '.join(causal)} appl{'y' if len(causal) > 1 else 'ies'} to causal-LM "
                                  "programs, not to an encoder; drop it (an encoder takes --seq-len, --pooling, "
                                  "--normalize)")
+        if self.weight_bits not in (None, 8):
+            raise QeffGraphError(f"--weight-bits {self.weight_bits}: an encoder program takes 8 (int8 weights and "
+                                 "activations, as --mxfp6 on ort) or none")
         seq_lens = self.seq_lens if self.seq_lens is not None else (ENCODER_SEQ_LEN,)
         if isinstance(seq_lens, int):
             seq_lens = (seq_lens,)
@@ -240,7 +244,8 @@ class ProgramSpec:
         if self.passes is not None:
             return list(self.passes)
         if self.kind == "encoder":
-            return pipeline_names("encoder", pooling=self.pooling, ort_lowering=bool(self.ort_lowering))
+            return pipeline_names("encoder", pooling=self.pooling, ort_lowering=bool(self.ort_lowering),
+                                  weight_bits=self.weight_bits)
         return pipeline_names(kv_dtype=self.kv_dtype, weight_bits=self.weight_bits,
                               ort_lowering=self.ort_lowering or 0)
 
@@ -272,7 +277,10 @@ class ProgramSpec:
         if self.backend == "ort" and self.mxint8:
             notes.append("--mxint8 on ort keeps the KV cache in float16 (ONNX Runtime has no MXINT8 "
                          "tensors; --backend qaic compiles it as MXINT8)")
-        if self.backend == "ort" and self.mxfp6:
+        if self.backend == "ort" and self.mxfp6 and self.kind == "encoder":
+            notes.append("--mxfp6 on ort quantizes an encoder's MatMuls to int8 weights and activations "
+                         "(DynamicQuantizeMatMul: faster, not exact)")
+        elif self.backend == "ort" and self.mxfp6:
             notes.append(f"--mxfp6 on ort quantizes MatMul weights to {self.weight_bits}-bit blocks of 32 "
                          "(MatMulNBits)")
         return notes

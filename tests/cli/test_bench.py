@@ -156,8 +156,9 @@ def test_bench_bad_options(tmp_path, capsys):
 
 
 def test_bench_embed_peers_side_by_side(tmp_path, capsys):
-    """--task embed on a tiny BERT: qeff-graph, plain ORT on the unmodified export and
-    sentence-transformers embed the same texts; same vectors, a row per system and batch."""
+    """--task embed on a tiny BERT: qeff-graph, its int8 program, plain ORT on the unmodified
+    export and sentence-transformers embed the same texts; the same vectors (the int8 program's
+    close), a row per system and batch."""
     import pytest
 
     pytest.importorskip("sentence_transformers")
@@ -174,5 +175,9 @@ def test_bench_embed_peers_side_by_side(tmp_path, capsys):
     assert "qeff-graph is ×" in text and "sentence-transformers" in text
     rows = json.loads((out / "bench-embed.json").read_text())["rows"]
     assert [(r["system"], r["batch_size"]) for r in rows] == [
-        (s, b) for b in (1, 4) for s in ("qeff-graph", "ort-export", "sentence-transformers")]
-    assert all(r["sentences_s"] > 0 for r in rows) and max(r["max_diff"] for r in rows) < 1e-4
+        (s, b) for b in (1, 4) for s in ("qeff-graph", "qeff-graph-int8", "ort-export", "sentence-transformers")]
+    assert all(r["sentences_s"] > 0 for r in rows)
+    exact = [r for r in rows if r["system"] != "qeff-graph-int8"]
+    assert max(r["max_diff"] for r in exact) < 1e-4 and min(r["min_cos"] for r in exact) > 0.99999
+    int8 = [r for r in rows if r["system"] == "qeff-graph-int8"]  # int8 MatMuls: close, not equal
+    assert all(0.9 < r["min_cos"] < 1 for r in int8), int8

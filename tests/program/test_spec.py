@@ -122,6 +122,17 @@ def test_encoder_specs():
     assert ProgramSpec.from_dict(old).graph_options() != spec.graph_options()
     assert ProgramSpec.from_dict(spec.to_dict()) == spec
     assert ProgramSpec().artifact_options()["ort_lowering"] == 2 and "ort_lowering" not in qaic.artifact_options()
+    # --mxfp6 on ort: the encoder's MatMuls in int8 (another graph, another cache key); on qaic: -mxfp6-matmul
+    int8 = ProgramSpec(kind="encoder", mxfp6=True, pooling="mean")
+    assert int8.weight_bits == 8 and int8.pipeline() == ["pooling", "fp16-clamp", "ort-fuse-encoder", "matmul-int8",
+                                                         "cleanup"]
+    assert int8.cache_key(model="m") != ProgramSpec(kind="encoder", pooling="mean").cache_key(model="m")
+    assert "int8 weights and activations" in int8.notes()[0]
+    assert ProgramSpec(kind="encoder", weight_bits=8).pipeline() == int8.pipeline()[1:]
+    on_qaic = ProgramSpec(kind="encoder", mxfp6=True, backend="qaic")
+    assert on_qaic.weight_bits is None and "matmul-int8" not in on_qaic.pipeline() and on_qaic.qaic_options()["mxfp6"]
+    with pytest.raises(QeffGraphError, match="--weight-bits 4: an encoder program takes 8"):
+        ProgramSpec(kind="encoder", weight_bits=4)
 
 
 def test_speculative_verify_specialization():
