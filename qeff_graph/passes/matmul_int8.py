@@ -24,6 +24,8 @@ and the Scan costs ~4 % (one 32x128x384 @ 384x1536 product: 6.93 against 6.66 ms
 Other MatMuls (two activations, a weight of another dtype or rank, a graph input as the weight)
 are left alone. The one pass besides ``matmul-nbits`` that reads weight bytes: one matrix at a
 time, through ``const_value.numpy()``; the float weight is dropped once nothing else reads it.
+Whatever changes what this pass writes must bump ``qeff_graph.program.spec.WEIGHT_SCHEME`` (an
+encoder program with ``weight_bits=8`` is keyed by it too).
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ ENCODER_SEQ_LEN = 128  # the encoder's seq_len specialization when none is given
 # fields that change model.onnx (the rest only change specializations, IO precisions, backend files)
 GRAPH_FIELDS = ("kind", "kv_dtype", "weight_bits", "passes", "sliding_window", "full_batch_size", "pooling",
                 "normalize", "num_speculative_tokens", "weight_scheme", "ort_lowering", "accuracy_level")
-# how weight_bits quantizes (matmul-nbits): 6 = as 5, 8-bit blocks at float compute as two 4-bit
-# MatMulNBits over A, added (5: one over [A, A]); 5 = as 4, and a GGUF's Q5_0/Q5_1/Q4_K/Q5_K/Q6_K tensors
+# how weight_bits quantizes (matmul-nbits; an encoder's: matmul-int8): 6 = as 5, 8-bit blocks at float
+# compute as two 4-bit MatMulNBits over A, added (5: one over [A, A]); encoders' int8 MatMuls first
+# appear here; 5 = as 4, and a GGUF's Q5_0/Q5_1/Q4_K/Q5_K/Q6_K tensors
 # carried (no longer re-quantized); 4 = as 3, with the MatMuls of one input packed into one
 # MatMulNBits (Q/K/V, gate/up); 3 = blocks with a float minimum, a GGUF export's own blocks carried,
 # float compute (issue 11); 1 = symmetric re-quantization, int8 compute (programs built before: their
