@@ -454,10 +454,10 @@ def _projection(finder: _Finder, start: ir.Value, width: int, io, layout_only: b
     """``(value, tables, scalars)``: the nearest value above ``start`` shaped ``[batch, seq,
     width]`` (``heads_layout``: shaped as ``start``, ``[batch, heads, seq, head_dim]``, or as
     ``[batch, seq, heads, head_dim]``, and not made by rotary arithmetic — a fused Q/K/V projection
-    has no ``[batch, seq, heads·head_dim]`` value of its own; a Transpose from the one layout to
-    the other is walked through), the position-dependent operands of the ``Mul``s on the way (the
-    rotary tables) and the scalar factors; None if the walk meets anything else, or more than one
-    such value."""
+    has no ``[batch, seq, heads·head_dim]`` value of its own; a view of the same heads, as
+    :func:`_same_heads` reads it, is walked through), the position-dependent operands of the
+    ``Mul``s on the way (the rotary tables) and the scalar factors; None if the walk meets anything
+    else, or more than one such value."""
     positions = {io.position_ids}
     tokens = {io.input_ids}
     start_dims = finder.dims(start)  # [batch, heads, seq, head_dim]: the projection is [batch, seq, width]
@@ -527,7 +527,7 @@ def _same_heads(finder: _Finder, node: ir.Node, layouts: tuple) -> bool:
     if node.op_type not in _VIEW_OPS or not node.inputs or node.inputs[0] is None:
         return False
     src, out = finder.dims(node.inputs[0]), finder.dims(node.outputs[0])
-    if src is None or src not in layouts or out not in layouts:
+    if src is None or out is None or src not in layouts or out not in layouts:
         return False
     if node.op_type == "Transpose":
         perm = list(node.attributes.get_ints("perm", []))
