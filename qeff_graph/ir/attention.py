@@ -216,18 +216,20 @@ class ShapeReader:
         known = _dims(value.shape)
         if known is not None and None not in known:
             return known
-        if self._inferred is None:
-            self._inferred, self._types = infer_symbolic(self.model)
-        return self._inferred.get(value.name, known)
+        return self._infer()[0].get(value.name, known)
 
     def dtype(self, value: ir.Value) -> ir.DataType | None:
         """``value``'s element type: the graph's own, else inferred as :meth:`dims` (an exporter
         may leave intermediate values untyped); None where unknown."""
         if value.dtype is not None:
             return value.dtype
+        return self._infer()[1].get(value.name)
+
+    def _infer(self) -> tuple[dict[str, list], dict[str, ir.DataType]]:
+        """The inferred shapes and element types, inferred once."""
         if self._inferred is None:
             self._inferred, self._types = infer_symbolic(self.model)
-        return self._types.get(value.name)
+        return self._inferred, self._types
 
 
 class _Finder(ShapeReader):
