@@ -168,6 +168,26 @@ def test_requires_a_retained_program_once():
         OrtGroupQueryAttention()(model)
 
 
+def test_reset_leaves_stale_rows_the_kernel_never_reads(tmp_path):
+    """After a long prompt, reset() keeps the bound cache as it is (no zeroing) and a shorter prompt
+    then decodes to the very logits of a fresh session: rows past the valid length are never read."""
+    model, _ = _lowered()
+    used = _session(model, tmp_path, rows=2)
+    fresh = _session(model, tmp_path, rows=2, name="fresh.onnx")
+    rng = np.random.default_rng(3)
+    long_pos = np.tile(np.arange(12), (2, 1))
+    used.run(rng.integers(0, V, long_pos.shape), long_pos, phase="prefill")
+    used.reset()
+    stale = used._arrays["past_key.0"]
+    assert np.abs(stale[:, :, 4:12]).sum() > 0  # what the long prompt left is still there
+    pos = np.array([[0, 1, 2, 3], [0, 1, -1, -1]])
+    steps = [(rng.integers(0, V, pos.shape), pos)]
+    steps += [(rng.integers(0, V, (2, 1)), np.array([[4 + i], [2 + i]])) for i in range(3)]
+    for ids, pos in steps:
+        phase = "decode" if pos.shape[1] == 1 else "prefill"
+        np.testing.assert_array_equal(used.run(ids, pos, phase=phase), fresh.run(ids, pos, phase=phase))
+
+
 def test_runner_refuses_gaps_in_a_rows_positions(tmp_path):
     model, _ = _lowered()
     session = _session(model, tmp_path, rows=1)
