@@ -97,6 +97,7 @@ class RetainedStateSession:
         self.verify_positions = int(meta.get(VERIFY_POSITIONS_KEY, 0))  # K+1: steps that keep every position
         self._buffers: list[np.ndarray] = []  # the memory of the bound OrtValues (io_binding)
         self._rows: dict[int, dict[str, ort.OrtValue]] = {}  # per slot: OrtValues over its cache rows
+        self._bindings: dict = {}  # (id(inputs), id(outputs)) -> IOBinding with those caches bound
         self.reset()
 
     def reset(self) -> None:
@@ -217,13 +218,28 @@ class RetainedStateSession:
     def _run_binding(self, feeds: dict[str, np.ndarray], inputs: dict[str, ort.OrtValue],
                      outputs: dict[str, ort.OrtValue]) -> np.ndarray:
         """One run with ``feeds`` copied in, each cache read from ``inputs[name]`` and written to
-        ``outputs[name]`` (the same OrtValue: in place); returns the logits, detached."""
-        io = self.session.io_binding()
-        io.bind_output("logits", "cpu")
+        ``outputs[name]`` (the same OrtValue: in place); returns the logits, detached.
+
+        The caches of a pair of dicts this session keeps (``_bound``/``_spare``, a slot's ``_rows``)
+        are bound once, in a binding kept with that pair: a step then rebinds only its feeds and
+        the logits (binding SmolLM2's 120 cache values took 0.14 ms a step)."""
+        key = (id(inputs), id(outputs))  # only dicts alive as long as the session are kept: ids stay theirs
+        io = self._bindings.get(key)
+        if io is None:
+            io = self.session.io_binding()
+            io.bind_output("logits", "cpu")  # first: get_outputs()[0]
+            for name, value in inputs.items():
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(f"{name}_RetainedState", outputs[name])
+            if self._keeps(inputs) and self._keeps(outputs):
+                self._bindings[key] = io
+        io.bind_output("logits", "cpu")  # a fresh buffer each run: its shape follows the step
         for name, array in feeds.items():
             io.bind_cpu_input(name, array)
-        for name, value in inputs.items():
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(f"{name}_RetainedState", outputs[name])
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy().copy()  # detach from the binding's buffer
+
+    def _keeps(self, caches: dict) -> bool:
+        """Whether ``caches`` is one of the dicts of OrtValues this session holds for its lifetime."""
+        return any(caches is kept for kept in (getattr(self, "_bound", None), getattr(self, "_spare", None),
+                                               *self._rows.values()))
