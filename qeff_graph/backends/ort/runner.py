@@ -86,8 +86,11 @@ class RetainedStateSession:
         check_kv_cache_fits(rows=batch_size, layers=len(self.cache_specs) // 2, kv_heads=heads, ctx_len=ctx_len,
                             head_dim=head_dim, kv_dtype=np.dtype(dtype).name)
         self.continuous_batching = "batch_index" in self.input_names
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.output_names = list(outputs)
+        logits = outputs.get("logits")
+        if logits is None:
+            raise QeffGraphError(f"{path} has no 'logits' output; pass a causal-LM program from `qeff-graph optimize`")
         # logits of a fixed shape past the batch dim ([batch, 1, vocab]) are written straight into an
         # array of ours: fetching them back from a binding wraps every bound output (0.15 ms a step)
         self._logits = ((tuple(logits.shape[1:]), _ORT_TYPES[logits.type])
